@@ -1,0 +1,67 @@
+# Flow Studio. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
+SCALEOUT_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/flowstudio
+SCALEOUT_REDIS_URL ?= redis://127.0.0.1:6379/0
+SCALEOUT_BROKER_URL ?= redis://127.0.0.1:6379/1
+
+.DEFAULT_GOAL := help
+.PHONY: help run worker test test-engine test-scaleout lint check bench bench-engine clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(RUN_STAMP) $@
+
+run: $(RUN_STAMP) ## Install into .venv, migrate, and start the studio with its workers at http://127.0.0.1:8000
+	$(BIN)/python manage.py runstudio
+
+worker: $(RUN_STAMP) ## Start a Celery worker for this host (scale-out: set DATABASE_URL, CELERY_BROKER_URL, REDIS_URL)
+	$(BIN)/celery -A studio worker --loglevel INFO
+
+test: $(TEST_STAMP) lint ## Install what tests need and run the whole suite (SQLite, then PostgreSQL + Redis when reachable)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) $$( [ -x /usr/bin/chromium ] || { echo "--ignore=tests/e2e" ; echo "Debian's chromium is not installed: browser tests are not run (.ci/run installs it)." >&2; } )
+	@$(MAKE) --no-print-directory test-scaleout
+
+test-scaleout: $(TEST_STAMP) ## Run the database, Celery and Channels tests again on PostgreSQL + Redis
+	@if $(BIN)/python -c "import socket,sys; [socket.create_connection(a, 2).close() for a in [('127.0.0.1',5432),('127.0.0.1',6379)]]" 2>/dev/null; then \
+	  echo "Scale-out leg: PostgreSQL at 127.0.0.1:5432, Redis at 127.0.0.1:6379"; \
+	  DATABASE_URL=$(SCALEOUT_DATABASE_URL) REDIS_URL=$(SCALEOUT_REDIS_URL) CELERY_BROKER_URL=$(SCALEOUT_BROKER_URL) \
+	    $(BIN)/python -m pytest -m integration $(PYTEST_ARGS); \
+	else \
+	  echo "PostgreSQL (127.0.0.1:5432) or Redis (127.0.0.1:6379) is not reachable: the scale-out leg was NOT run."; \
+	fi
+
+test-engine: $(TEST_STAMP) ## Run the engine tests alone (no Django)
+	$(BIN)/python -m pytest tests/engine $(PYTEST_ARGS)
+
+lint: $(TEST_STAMP) ## Ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+check: $(RUN_STAMP) ## Django system checks, with production settings
+	$(BIN)/python manage.py check
+	STUDIO_PRODUCTION=1 STUDIO_SECRET_KEY=$$($(BIN)/python -c 'import secrets;print(secrets.token_urlsafe(60))') \
+	  $(BIN)/python manage.py check --deploy --fail-level WARNING
+
+bench: bench-engine ## Run the benchmarks against prompt flow; results in bench/results/
+
+bench-engine: $(TEST_STAMP) ## Engine benchmark against prompt flow: bench/results/engine.md
+	$(BIN)/python bench/engine_bench.py
+
+clean: ## Remove the virtualenv and local data
+	rm -rf $(VENV) data
