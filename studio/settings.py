@@ -39,7 +39,13 @@ STUDIO_ENCRYPTION_KEYS = env_list("STUDIO_ENCRYPTION_KEYS") or [_file_secret("en
 
 ALLOWED_HOSTS = env_list("STUDIO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("STUDIO_CSRF_TRUSTED_ORIGINS", [])
-STUDIO_PUBLIC_URL = env_str("STUDIO_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+# Where `manage.py runstudio` binds daphne; the public URL (printed links) follows unless set.
+STUDIO_HOST = env_str("STUDIO_HOST", "127.0.0.1")
+STUDIO_PORT = env_int("STUDIO_PORT", 8000, minimum=1)
+_shown_host = "127.0.0.1" if STUDIO_HOST in ("0.0.0.0", "::", "") else STUDIO_HOST
+STUDIO_PUBLIC_URL = env_str("STUDIO_PUBLIC_URL", f"http://{_shown_host}:{STUDIO_PORT}").rstrip("/")
+# How long the first-user setup link printed by runstudio stays valid.
+STUDIO_SETUP_TOKEN_HOURS = env_int("STUDIO_SETUP_TOKEN_HOURS", 24, minimum=1)
 
 INSTALLED_APPS = [
     "daphne",
@@ -67,6 +73,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "accounts_app.middleware.HtmxLoginRedirectMiddleware",
 ]
 
 ROOT_URLCONF = "studio.urls"
@@ -83,6 +90,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "studio.context_processors.navigation",
             ],
         },
     },
@@ -118,6 +126,8 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "staticfiles"
+# WhiteNoise warns on every start when the folder is missing, before collectstatic ever ran.
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -164,10 +174,15 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "processed_folder": str(_broker_dir / "processed"),
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
+        # The file transport polls its folder; kombu's default second adds that much latency to every task.
+        "polling_interval": 0.2,
     }
 CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND") or (
     REDIS_URL or f"file://{(DATA_DIR / 'celery-results').as_posix()}"
 )
+if CELERY_RESULT_BACKEND.startswith("file://"):
+    # Celery's file backend refuses to start unless its folder exists.
+    Path(CELERY_RESULT_BACKEND.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

@@ -1,0 +1,439 @@
+"""LLM calls through the `openai` SDK: one client per connection and event loop, our own bounded retries."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import openai
+
+from flowengine.connections import Connection
+
+T = TypeVar("T")
+Api = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How LLM calls retry 429 / 5xx / 422 / timeouts: exponential backoff honouring Retry-After, within a budget."""
+
+    max_attempts: int = 10
+    max_total_seconds: float = 600.0
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+    timeout: float = 600.0  # per request, seconds
+    max_consecutive_422: int = 3  # prompt flow's limit: 422 rarely heals by retrying
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """The default policy, adjusted by FLOWSTUDIO_LLM_MAX_ATTEMPTS / _MAX_RETRY_SECONDS / _TIMEOUT."""
+        env = os.environ
+        return cls(
+            max_attempts=int(env.get("FLOWSTUDIO_LLM_MAX_ATTEMPTS", cls.max_attempts)),
+            max_total_seconds=float(env.get("FLOWSTUDIO_LLM_MAX_RETRY_SECONDS", cls.max_total_seconds)),
+            timeout=float(env.get("FLOWSTUDIO_LLM_TIMEOUT", cls.timeout)),
+        )
+
+    def backoff(self, attempt: int) -> float:
+        """The wait after failed attempt number `attempt` (1-based) when the server gives no Retry-After."""
+        delay = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
+        # Jitter spreads out many lines that hit the same rate limit at the same moment.
+        return delay * (0.9 + 0.2 * random.random())
+
+
+_default_policy: RetryPolicy | None = None
+
+
+def default_retry_policy() -> RetryPolicy:
+    """The process-wide retry policy (RetryPolicy.from_env() unless set)."""
+    global _default_policy
+    if _default_policy is None:
+        _default_policy = RetryPolicy.from_env()
+    return _default_policy
+
+
+def set_default_retry_policy(policy: RetryPolicy | None) -> None:
+    """Replace the process-wide retry policy (None: back to the environment's)."""
+    global _default_policy
+    _default_policy = policy
+
+
+class LLMError(Exception):
+    """An LLM call failed; the message names the provider, status and provider message, never the API key."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        provider_message: str | None = None,
+        retriable: bool = False,
+        attempts: int = 1,
+        user_error: bool = True,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.provider_message = provider_message
+        self.retriable = retriable
+        self.attempts = attempts
+        self.user_error = user_error
+
+
+class LLMRetriesExhausted(LLMError):
+    """A retriable failure kept happening until the retry policy's attempts or time budget ran out."""
+
+
+# -- clients --------------------------------------------------------------------------------------------
+
+# httpx connection pools belong to the event loop that opened them, so clients are cached per loop.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_clients_lock = threading.Lock()
+
+
+def _client_key(conn: Connection, timeout: float) -> tuple[Any, ...]:
+    return (
+        conn.type,
+        conn.base_url,
+        conn.api_base,
+        conn.api_version,
+        conn.organization,
+        conn.api_key,
+        timeout,
+    )
+
+
+def get_client(conn: Connection, *, timeout: float | None = None) -> openai.AsyncOpenAI:
+    """The AsyncOpenAI / AsyncAzureOpenAI client for this connection on the running loop (SDK retries off)."""
+    if not conn.is_llm:
+        raise LLMError(
+            f"connection '{conn.name}' has type '{conn.type}'; an LLM call needs an open_ai, azure_open_ai "
+            "or openai_compatible connection"
+        )
+    loop = asyncio.get_running_loop()
+    timeout = default_retry_policy().timeout if timeout is None else timeout
+    key = _client_key(conn, timeout)
+    with _clients_lock:
+        per_loop = _clients.setdefault(loop, {})
+        client = per_loop.get(key)
+        if client is None:
+            client = _make_client(conn, timeout)
+            per_loop[key] = client
+    return client
+
+
+def _make_client(conn: Connection, timeout: float) -> openai.AsyncOpenAI:
+    if conn.type == "azure_open_ai":
+        if not conn.api_base:
+            raise LLMError(f"connection '{conn.name}' has no api_base (the Azure OpenAI endpoint)")
+        return openai.AsyncAzureOpenAI(
+            api_key=conn.api_key or "",
+            api_version=conn.api_version or "2024-02-01",
+            azure_endpoint=conn.api_base,
+            max_retries=0,
+            timeout=timeout,
+        )
+    # Local OpenAI-compatible servers (Ollama, vLLM) often need no key, but the SDK insists on one.
+    return openai.AsyncOpenAI(
+        api_key=conn.api_key or "EMPTY",
+        base_url=conn.base_url or None,
+        organization=conn.organization or None,
+        max_retries=0,
+        timeout=timeout,
+    )
+
+
+async def close_clients() -> None:
+    """Close the cached clients of the running loop."""
+    loop = asyncio.get_running_loop()
+    with _clients_lock:
+        per_loop = _clients.pop(loop, {})
+    for client in per_loop.values():
+        await client.close()
+
+
+# -- errors and retries ---------------------------------------------------------------------------------
+
+
+def _host(conn: Connection) -> str:
+    url = conn.api_base if conn.type == "azure_open_ai" else (conn.base_url or "https://api.openai.com/v1")
+    parts = urlsplit(str(url))
+    return parts.netloc or str(url)
+
+
+def _provider(conn: Connection) -> str:
+    return {"azure_open_ai": "Azure OpenAI", "open_ai": "OpenAI"}.get(conn.type, "OpenAI-compatible server")
+
+
+def _scrub(text: str, conn: Connection) -> str:
+    for secret in conn.secrets.values():
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def provider_message(exc: BaseException) -> str:
+    """The provider's own error message from an SDK exception."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, Mapping):
+        inner = body.get("error") if isinstance(body.get("error"), Mapping) else body
+        msg = inner.get("message")
+        if msg:
+            return str(msg)
+    message = getattr(exc, "message", None) or str(exc)
+    return str(message)
+
+
+def retry_after_seconds(exc: BaseException) -> float | None:
+    """The server's Retry-After (or retry-after-ms) in seconds, if it sent one."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        return max(0.0, email.utils.mktime_tz(parsed) - time.time())
+
+
+def _is_retriable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APITimeoutError):
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.response.status_code
+        if status == 429:
+            # An exhausted quota does not refill by waiting a few seconds.
+            code = getattr(exc, "code", None) or getattr(exc, "type", None)
+            return code != "insufficient_quota"
+        return status >= 500 or status == 422
+    if isinstance(exc, openai.APIConnectionError):
+        text = f"{exc} {exc.__cause__}".lower()
+        return any(
+            m in text
+            for m in ("connection aborted", "server disconnected without sending a response", "reset by peer")
+        )
+    return False
+
+
+def to_llm_error(
+    exc: BaseException, conn: Connection, *, api: str, attempts: int, exhausted: bool = False
+) -> LLMError:
+    """A clear LLMError for an SDK exception: provider, endpoint host, HTTP status and the provider's message."""
+    status = exc.response.status_code if isinstance(exc, openai.APIStatusError) else None
+    pmsg = _scrub(provider_message(exc), conn)
+    where = f"{_provider(conn)} {api} call to {_host(conn)} (connection '{conn.name}')"
+    if status is not None:
+        what = f"failed with HTTP {status}: {pmsg}"
+    elif isinstance(exc, openai.APITimeoutError):
+        what = "timed out"
+    elif isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        what = f"could not connect: {_scrub(str(cause or pmsg), conn)}"
+    else:
+        what = f"failed: {type(exc).__name__}: {pmsg}"
+    message = f"{where} {what}"
+    if exhausted:
+        message += f" (gave up after {attempts} attempt{'s' if attempts != 1 else ''})"
+    cls = LLMRetriesExhausted if exhausted else LLMError
+    return cls(
+        message,
+        status=status,
+        provider_message=pmsg,
+        retriable=_is_retriable(exc),
+        attempts=attempts,
+        user_error=status is None or status < 500,
+    )
+
+
+async def with_retries(
+    call: Callable[[], Awaitable[T]],
+    conn: Connection,
+    *,
+    api: str,
+    policy: RetryPolicy | None = None,
+    on_retry: Callable[[int, float, LLMError], None] | None = None,
+) -> T:
+    """Run `call`, retrying retriable failures per the policy; raises LLMError."""
+    policy = policy or default_retry_policy()
+    start = time.monotonic()
+    attempt = 0
+    consecutive_422 = 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except openai.OpenAIError as exc:
+            if not _is_retriable(exc):
+                raise to_llm_error(exc, conn, api=api, attempts=attempt) from None
+            is_422 = isinstance(exc, openai.APIStatusError) and exc.response.status_code == 422
+            consecutive_422 = consecutive_422 + 1 if is_422 else 0
+            if attempt >= policy.max_attempts or consecutive_422 >= policy.max_consecutive_422:
+                raise to_llm_error(exc, conn, api=api, attempts=attempt, exhausted=True) from None
+            wait = retry_after_seconds(exc)
+            if wait is None:
+                wait = policy.backoff(attempt)
+            if time.monotonic() - start + wait > policy.max_total_seconds:
+                raise to_llm_error(exc, conn, api=api, attempts=attempt, exhausted=True) from None
+            if on_retry is not None:
+                on_retry(attempt, wait, to_llm_error(exc, conn, api=api, attempts=attempt))
+            await asyncio.sleep(wait)
+
+
+# -- calls ----------------------------------------------------------------------------------------------
+
+
+def usage_dict(usage: Any) -> dict[str, int]:
+    """prompt/completion/total token counts from an SDK usage object ({} when the server sent none)."""
+    if usage is None:
+        return {}
+    data = usage.model_dump() if hasattr(usage, "model_dump") else dict(usage)
+    return {
+        k: int(data[k])
+        for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        if data.get(k) is not None
+    }
+
+
+def _wants_usage_option(conn: Connection) -> bool:
+    # Azure accepts stream_options from api-version 2024-09-01 on; older versions reject the field.
+    if conn.type != "azure_open_ai":
+        return True
+    return (conn.api_version or "") >= "2024-09-01"
+
+
+@dataclass
+class LLMCall:
+    """One finished or streaming call: the SDK response (or stream) and the token usage once known."""
+
+    response: Any
+    usage: dict[str, int] = field(default_factory=dict)
+    attempts: int = 1
+
+
+async def create(
+    conn: Connection,
+    api: Api,
+    params: Mapping[str, Any],
+    *,
+    policy: RetryPolicy | None = None,
+) -> Any:
+    """Call chat.completions.create or completions.create with retries; returns the SDK response or AsyncStream."""
+    policy = policy or default_retry_policy()
+    client = get_client(conn, timeout=policy.timeout)
+    body = dict(params)
+    endpoint = client.completions if api == "completion" else client.chat.completions
+    api_name = "completion" if api == "completion" else "chat"
+
+    async def call() -> Any:
+        return await endpoint.create(**body)
+
+    try:
+        return await with_retries(call, conn, api=api_name, policy=policy)
+    except LLMError as exc:
+        # Some OpenAI-compatible servers reject stream_options; ask once more without it.
+        if (
+            exc.status == 400
+            and "stream_options" in body
+            and "stream_options" in (exc.provider_message or "")
+        ):
+            body.pop("stream_options")
+            return await with_retries(call, conn, api=api_name, policy=policy)
+        raise
+
+
+def stream_usage_option(conn: Connection, params: dict[str, Any]) -> None:
+    """Ask for a final usage chunk when streaming, where the provider supports it."""
+    if params.get("stream") and "stream_options" not in params and _wants_usage_option(conn):
+        params["stream_options"] = {"include_usage": True}
+
+
+async def iterate_stream(
+    stream: Any, conn: Connection, *, api: str, pick: Callable[[Any], str | None], usage: dict[str, int]
+) -> AsyncIterator[str]:
+    """Yield text pieces from an SDK stream (via `pick`), filling `usage` from the final usage chunk."""
+    try:
+        async for chunk in stream:
+            if getattr(chunk, "usage", None):
+                usage.clear()
+                usage.update(usage_dict(chunk.usage))
+            if chunk.choices:
+                piece = pick(chunk)
+                yield piece if piece is not None else ""
+    except openai.OpenAIError as exc:
+        raise to_llm_error(exc, conn, api=api, attempts=1) from None
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            await close()
+
+
+async def list_models(conn: Connection, *, policy: RetryPolicy | None = None) -> list[str]:
+    """The model ids the server lists: a connection test."""
+    policy = policy or RetryPolicy(max_attempts=1, timeout=15.0)
+    client = get_client(conn, timeout=policy.timeout)
+
+    async def call() -> list[str]:
+        return [m.id async for m in client.models.list()]
+
+    return await with_retries(call, conn, api="models", policy=policy)
+
+
+# -- a private loop for synchronous callers (user code calling a Prompty from a sync tool) ---------------
+
+_sync_loop: asyncio.AbstractEventLoop | None = None
+_sync_lock = threading.Lock()
+
+
+def _loop_for_sync() -> asyncio.AbstractEventLoop:
+    global _sync_loop
+    with _sync_lock:
+        if _sync_loop is None or _sync_loop.is_closed():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="flowengine-llm-sync", daemon=True)
+            thread.start()
+            _sync_loop = loop
+        return _sync_loop
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from synchronous code, on a long-lived private loop (clients are reused)."""
+    return asyncio.run_coroutine_threadsafe(coro, _loop_for_sync()).result()
+
+
+def iterate_sync(aiter: AsyncIterator[T]) -> Any:
+    """A synchronous generator over an async iterator created for the private loop (see run_sync)."""
+    loop = _loop_for_sync()
+    iterator = aiter.__aiter__()
+
+    def generator() -> Any:
+        while True:
+            try:
+                item = asyncio.run_coroutine_threadsafe(iterator.__anext__(), loop).result()
+            except StopAsyncIteration:
+                return
+            yield item
+
+    return generator()

@@ -1,0 +1,558 @@
+"""The runner process: `python -m flowengine.runner` runs one flow's lines for a parent over JSON lines.
+
+Requests arrive one per line on stdin and replies leave one per line on a private copy of the original
+stdout, so nothing the flow's code prints can corrupt the protocol:
+
+    {"op": "init", "id": "init", "flow_dir": ..., "connections": {name: Connection dict}, "variant": ...,
+     "init": {...}, "environment_variables": {...}}
+    {"op": "line", "id": "...", "inputs": {...}, "line_number": N, "stream": bool, "node": null}
+    {"op": "aggregate", "id": "...", "results": [LineCompleted dicts]}
+    {"op": "cancel", "id": "..."}
+    {"op": "exit"}
+
+Every reply is `{"id": ..., "event": <Event.to_dict()>}`; the end of a request's events is marked by
+`{"id": ..., "done": true}`. Output of user code (print, logging to stderr, C-level writes) becomes
+`LogLine` events: Python-level writes are attributed to the line that made them through a context
+variable; raw fd writes go to the only running line, or carry `"id": null` when several run at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import faulthandler
+import json
+import os
+import re
+import resource
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# (request id, line number) of the line whose code is running in the current context.
+_CURRENT: contextvars.ContextVar[tuple[str, int | None] | None] = contextvars.ContextVar(
+    "flowengine_runner_current", default=None
+)
+
+STREAM_LIMIT = 256 * 1024 * 1024
+DEFAULT_CONCURRENCY = 128
+_ENV_REF = re.compile(r"^\$\{([^.{}]+)\.([^{}]+)\}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits the runner applies to itself before any user code is loaded."""
+
+    memory_mb: int | None = None
+    cpu_seconds: int | None = None
+    open_files: int | None = None
+    file_size_mb: int | None = None
+
+    def to_json(self) -> str:
+        """The command-line form passed by the parent."""
+        return json.dumps(
+            {
+                "memory_mb": self.memory_mb,
+                "cpu_seconds": self.cpu_seconds,
+                "open_files": self.open_files,
+                "file_size_mb": self.file_size_mb,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Limits:
+        """The inverse of `to_json`."""
+        data = json.loads(text or "{}")
+        return cls(**{k: data.get(k) for k in ("memory_mb", "cpu_seconds", "open_files", "file_size_mb")})
+
+
+def apply_limits(limits: Limits) -> None:
+    """Set soft and hard rlimits so the flow's code cannot raise them again."""
+    mb = 1024 * 1024
+    wanted = [
+        (resource.RLIMIT_AS, limits.memory_mb * mb if limits.memory_mb else None),
+        (resource.RLIMIT_CPU, limits.cpu_seconds),
+        (resource.RLIMIT_NOFILE, limits.open_files),
+        (resource.RLIMIT_FSIZE, limits.file_size_mb * mb if limits.file_size_mb else None),
+        (resource.RLIMIT_CORE, 0),
+    ]
+    for which, value in wanted:
+        if value is None:
+            continue
+        _soft, hard = resource.getrlimit(which)
+        value = int(value)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        if which == resource.RLIMIT_CPU:
+            # SIGXCPU at the soft limit, SIGKILL one second later if it is ignored.
+            resource.setrlimit(which, (value, value + 1 if hard == resource.RLIM_INFINITY else hard))
+        else:
+            resource.setrlimit(which, (value, value))
+
+
+class ProtocolWriter:
+    """Writes reply lines to the protocol fd; thread-safe, one write per event, never buffered."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        """Write one JSON line."""
+        data = (json.dumps(message, default=_json_default, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+
+
+def _json_default(value: Any) -> Any:
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    return repr(value)
+
+
+class LineStream:
+    """A text stream standing in for sys.stdout/sys.stderr that turns writes into LogLine events."""
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def __init__(self, runner: Runner, name: str, fd: int) -> None:
+        self._runner = runner
+        self.name = name
+        self._fd = fd
+        self._partial: dict[str | None, str] = {}
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        """Buffer `text` and emit one LogLine per complete line."""
+        if not text:
+            return 0
+        current = _CURRENT.get()
+        key = current[0] if current else None
+        with self._lock:
+            buffered = self._partial.pop(key, "") + text
+            *complete, rest = buffered.split("\n")
+            if rest:
+                self._partial[key] = rest
+        for line in complete:
+            self._runner.log(self.name, line, current)
+        return len(text)
+
+    def flush_request(self, request_id: str, line_number: int | None) -> None:
+        """Emit what a finished line left without a trailing newline."""
+        with self._lock:
+            rest = self._partial.pop(request_id, "")
+        if rest:
+            self._runner.log(self.name, rest, (request_id, line_number))
+
+    def writelines(self, lines: Any) -> None:
+        """Write each of `lines`."""
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        """Nothing to do: complete lines are sent as they are written."""
+
+    def isatty(self) -> bool:
+        """Never a terminal."""
+        return False
+
+    def fileno(self) -> int:
+        """The capture pipe, for code that writes to the descriptor directly."""
+        return self._fd
+
+    def readable(self) -> bool:
+        """Write-only."""
+        return False
+
+    def writable(self) -> bool:
+        """Always writable."""
+        return True
+
+
+class Runner:
+    """The state of one runner process: the loaded flow, its executor and the running lines."""
+
+    def __init__(self, writer: ProtocolWriter, *, concurrency: int, memory_mb: int | None) -> None:
+        self.writer = writer
+        self.executor: Any = None
+        self.flow: Any = None
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.active: dict[str, int | None] = {}
+        self.semaphore = asyncio.Semaphore(max(1, concurrency))
+        self.memory_mb = memory_mb
+        self.streams: list[LineStream] = []
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def send_event(self, request_id: str | None, event: Any) -> None:
+        """Send one event tagged with its request id."""
+        payload = event.to_dict() if hasattr(event, "to_dict") else event
+        self.writer.send({"id": request_id, "event": payload})
+
+    def done(self, request_id: str) -> None:
+        """Mark the end of a request's events."""
+        self.writer.send({"id": request_id, "done": True})
+
+    def log(self, stream: str, text: str, current: tuple[str, int | None] | None) -> None:
+        """Send a LogLine for output of user code."""
+        from flowengine import events
+
+        if current is None and len(self.active) == 1:
+            request_id, line_number = next(iter(self.active.items()))
+        elif current is None:
+            request_id, line_number = None, None
+        else:
+            request_id, line_number = current
+        ev = events.LogLine(stream=stream, text=text, node=None, line_number=line_number)
+        self.send_event(request_id, ev)
+
+    def error_info(self, exc: BaseException, *, code: str = "SystemError", node: str | None = None) -> Any:
+        """An ErrorInfo for an exception that escaped the executor."""
+        from flowengine import events
+
+        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, MemoryError) and self.memory_mb:
+            message = f"the flow exceeded the memory limit of {self.memory_mb} MB ({message})"
+            code = "UserError"
+        return events.ErrorInfo(
+            code=code,
+            type=type(exc).__name__,
+            message=message,
+            node=node,
+            traceback="".join(traceback.format_exception(exc)),
+        )
+
+    def failed_line(self, line_number: int | None, error: Any, started: float) -> Any:
+        """A LineCompleted event for a line that could not finish."""
+        from flowengine import events
+
+        return events.LineCompleted(
+            line_number=line_number,
+            outputs={},
+            status="Failed",
+            error=error,
+            aggregation_inputs={},
+            duration_ms=(time.perf_counter() - started) * 1000.0,
+            usage={},
+        )
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def handle_init(self, request: Mapping[str, Any]) -> None:
+        """Load the flow once and build its executor."""
+        request_id = str(request.get("id") or "init")
+        from flowengine import events
+
+        try:
+            self.executor = self._build_executor(request)
+        except Exception as exc:
+            from flowengine.model import FlowValidationError
+
+            code = (
+                "UserError" if isinstance(exc, FlowValidationError | ValueError | KeyError) else "SystemError"
+            )
+            info = self.error_info(exc, code=code)
+            if isinstance(exc, FlowValidationError):
+                info = events.ErrorInfo(
+                    code="UserError", type="FlowValidationError", message=str(exc), node=None, traceback=None
+                )
+            self.send_event(request_id, events.ErrorEvent(error=info))
+        self.done(request_id)
+
+    def _build_executor(self, request: Mapping[str, Any]) -> Any:
+        from flowengine import FlowExecutor, load_flow
+        from flowengine.connections import Connection, set_current_connections
+
+        _install_compat()
+        connections = {
+            name: Connection.from_dict(dict(data, name=data.get("name") or name))
+            for name, data in (request.get("connections") or {}).items()
+        }
+        set_current_connections(connections)
+        flow_dir = os.path.abspath(str(request["flow_dir"]))
+        self.flow = load_flow(flow_dir)
+        # Flow code opens files relative to its folder, as under prompt flow.
+        os.chdir(self.flow.path)
+        if str(self.flow.path) not in sys.path:
+            sys.path.insert(0, str(self.flow.path))
+        env = dict(self.flow.environment_variables or {})
+        env.update(request.get("environment_variables") or {})
+        for key, value in env.items():
+            os.environ[str(key)] = _resolve_env_value(value, connections)
+        return FlowExecutor(
+            self.flow,
+            connections=connections,
+            variant=request.get("variant") or None,
+            init=request.get("init") or None,
+            max_concurrency=int(request.get("max_concurrency") or 16),
+        )
+
+    def start_line(self, request: Mapping[str, Any]) -> None:
+        """Run one line as a task on the loop."""
+        request_id = str(request["id"])
+        task = asyncio.get_running_loop().create_task(self._run_line(request_id, request))
+        self.tasks[request_id] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(request_id, None))
+
+    async def _run_line(self, request_id: str, request: Mapping[str, Any]) -> None:
+        from flowengine import events
+
+        line_number = request.get("line_number")
+        started = time.perf_counter()
+        _CURRENT.set((request_id, line_number))
+        finished = False
+        try:
+            async with self.semaphore:
+                self.active[request_id] = line_number
+                if self.executor is None:
+                    raise RuntimeError("the runner has no flow loaded: send an init request first")
+                wanted = set(request.get("events") or ())
+                async for ev in self.executor.run_line(
+                    dict(request.get("inputs") or {}),
+                    line_number=line_number,
+                    node=request.get("node"),
+                    stream=bool(request.get("stream")),
+                ):
+                    if isinstance(ev, events.LineCompleted):
+                        self._flush_logs(request_id, line_number)
+                        ev = self._explain_memory_error(ev)
+                        finished = True
+                    elif wanted and ev.type not in wanted:
+                        continue
+                    self.send_event(request_id, ev)
+            if not finished:
+                raise RuntimeError("the executor ended the line without a LineCompleted event")
+        except asyncio.CancelledError:
+            if not finished:
+                self._flush_logs(request_id, line_number)
+                info = events.ErrorInfo(
+                    code="UserError",
+                    type="LineCanceled",
+                    message=f"line {line_number} was canceled",
+                    node=None,
+                    traceback=None,
+                )
+                self.send_event(request_id, self.failed_line(line_number, info, started))
+        except BaseException as exc:
+            if not finished:
+                self._flush_logs(request_id, line_number)
+                self.send_event(request_id, self.failed_line(line_number, self.error_info(exc), started))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self.active.pop(request_id, None)
+            self.done(request_id)
+
+    def _flush_logs(self, request_id: str, line_number: int | None) -> None:
+        for stream in self.streams:
+            stream.flush_request(request_id, line_number)
+
+    def _explain_memory_error(self, ev: Any) -> Any:
+        error = getattr(ev, "error", None)
+        if error is None or getattr(error, "type", "") != "MemoryError" or not self.memory_mb:
+            return ev
+        import dataclasses
+
+        where = f" in node '{error.node}'" if getattr(error, "node", None) else ""
+        message = f"the flow exceeded the memory limit of {self.memory_mb} MB{where} (MemoryError)"
+        return dataclasses.replace(ev, error=dataclasses.replace(error, message=message, code="UserError"))
+
+    async def handle_aggregate(self, request: Mapping[str, Any]) -> None:
+        """Run the flow's aggregation over the given line results and send its events."""
+        from flowengine import events
+
+        request_id = str(request["id"])
+        _CURRENT.set((request_id, None))
+        self.active[request_id] = None
+        try:
+            results = [_line_result_from_dict(d) for d in request.get("results") or []]
+            outcome = await self.executor.aggregate(results)
+            self._flush_logs(request_id, None)
+            sent_metrics = False
+            for ev in getattr(outcome, "events", None) or []:
+                sent_metrics = sent_metrics or isinstance(ev, events.Metrics)
+                self.send_event(request_id, ev)
+            if not sent_metrics:
+                self.send_event(
+                    request_id, events.Metrics(metrics=dict(getattr(outcome, "metrics", {}) or {}))
+                )
+        except Exception as exc:
+            self._flush_logs(request_id, None)
+            self.send_event(request_id, events.ErrorEvent(error=self.error_info(exc, code="UserError")))
+        finally:
+            self.active.pop(request_id, None)
+            self.done(request_id)
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel one running line."""
+        task = self.tasks.get(request_id)
+        if task is not None:
+            task.cancel()
+
+    async def serve(self, reader: asyncio.StreamReader) -> None:
+        """Read requests until `exit` or end of input."""
+        background: set[asyncio.Task[None]] = set()
+        while True:
+            raw = await reader.readline()
+            if not raw:
+                break
+            try:
+                request = json.loads(raw)
+            except ValueError:
+                continue
+            op = request.get("op")
+            if op == "init":
+                await self.handle_init(request)
+            elif op == "line":
+                self.start_line(request)
+            elif op == "aggregate":
+                task = asyncio.get_running_loop().create_task(self.handle_aggregate(request))
+                background.add(task)
+                task.add_done_callback(background.discard)
+            elif op == "cancel":
+                self.cancel(str(request.get("id")))
+            elif op == "exit":
+                break
+        for task in list(self.tasks.values()) + list(background):
+            task.cancel()
+        pending = list(self.tasks.values()) + list(background)
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        if self.executor is not None:
+            try:
+                self.executor.close()
+            except Exception:
+                pass
+
+
+def _install_compat() -> None:
+    """Make `import promptflow` work for user code written for prompt flow."""
+    import importlib
+
+    try:
+        compat = importlib.import_module("flowengine.compat")
+    except ModuleNotFoundError as exc:
+        if exc.name != "flowengine.compat":
+            raise
+        return
+    compat.install()
+
+
+def _line_result_from_dict(data: Mapping[str, Any]) -> Any:
+    """A LineResult for the executor's aggregate from the LineCompleted dict the parent kept."""
+    from flowengine.executor import LineResult
+
+    return LineResult.from_dict(dict(data))
+
+
+def _resolve_env_value(value: Any, connections: Mapping[str, Any]) -> str:
+    """Resolve `${connection.key}` in a flow's environment_variables as prompt flow does."""
+    text = str(value)
+    match = _ENV_REF.match(text.strip())
+    if not match or match.group(1) not in connections:
+        return text
+    conn = connections[match.group(1)]
+    key = match.group(2)
+    for source in (getattr(conn, "secrets", {}) or {}, getattr(conn, "configs", {}) or {}):
+        if key in source:
+            return str(source[key])
+    return text
+
+
+def _capture_fd(fd: int, name: str, runner_ref: list[Runner]) -> int:
+    """Point `fd` at a pipe read by a thread that turns raw writes into LogLine events."""
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            pending = b""
+            while True:
+                chunk = pipe.read(65536)
+                if not chunk:
+                    break
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if runner_ref:
+                        runner_ref[0].log(name, line.decode("utf-8", "replace"), None)
+
+    threading.Thread(target=pump, name=f"runner-{name}", daemon=True).start()
+    return fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m flowengine.runner`."""
+    parser = argparse.ArgumentParser(prog="python -m flowengine.runner")
+    parser.add_argument("--limits", default="{}", help="JSON resource limits")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    parser.add_argument("--preload", action="append", default=[], help="module to import in the background")
+    args = parser.parse_args(argv)
+    limits = Limits.from_json(args.limits)
+    apply_limits(limits)
+    if args.preload:
+        threading.Thread(target=_preload, args=(args.preload,), name="runner-preload", daemon=True).start()
+
+    # The protocol keeps a private copy of the original stdout; fd 1 and 2 then belong to user code.
+    protocol_fd = os.dup(1)
+    crash_fd = os.dup(2)
+    faulthandler.enable(file=os.fdopen(crash_fd, "w", closefd=False), all_threads=True)
+    runner_ref: list[Runner] = []
+    _capture_fd(1, "stdout", runner_ref)
+    _capture_fd(2, "stderr", runner_ref)
+    writer = ProtocolWriter(protocol_fd)
+
+    async def amain() -> None:
+        runner = Runner(writer, concurrency=args.concurrency, memory_mb=limits.memory_mb)
+        runner_ref.append(runner)
+        out = LineStream(runner, "stdout", 1)
+        err = LineStream(runner, "stderr", 2)
+        runner.streams = [out, err]
+        sys.stdout = out  # type: ignore[assignment]
+        sys.stderr = err  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        # Import the engine while the parent prepares the init request.
+        import flowengine.executor  # noqa: F401
+
+        await runner.serve(reader)
+
+    try:
+        asyncio.run(amain())
+    finally:
+        _restore_streams()
+    return 0
+
+
+def _preload(modules: list[str]) -> None:
+    """Import modules the flow will probably need while the parent is still preparing the init request."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception:  # the flow reports a real import problem when it needs the module
+            pass
+
+
+def _restore_streams() -> None:
+    sys.stdout = sys.__stdout__  # type: ignore[assignment]
+    sys.stderr = sys.__stderr__  # type: ignore[assignment]
+
+
+if __name__ == "__main__":
+    code = main()
+    # Threads of user code that never return (a timed-out sync tool) must not keep the process alive.
+    os._exit(code)

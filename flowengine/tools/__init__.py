@@ -1,0 +1,1 @@
+"""Built-in node tools: llm, prompt and python."""

@@ -1,0 +1,233 @@
+"""The `flowstudio` command line, run as a real process against real flows and the fake LLM server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run `flowstudio ...` in a fresh process with its own FLOWSTUDIO_HOME."""
+    env = dict(os.environ, FLOWSTUDIO_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    env.pop("FLOWSTUDIO_CONNECTION_KEY", None)
+
+    def run(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "flowengine.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    return run
+
+
+@pytest.fixture
+def llm_connection(cli, tmp_path, fake_llm):
+    """A local connection named open_ai_connection that points at the fake LLM server."""
+    conn = tmp_path / "openai.yaml"
+    conn.write_text("name: open_ai_connection\ntype: open_ai\napi_key: <user-input>\n")
+    cli(
+        "connection",
+        "create",
+        "--file",
+        str(conn),
+        "--set",
+        "api_key=sk-test",
+        f"base_url={fake_llm.base_url}",
+    )
+    return fake_llm
+
+
+def test_flow_init_creates_flows_that_validate(cli, tmp_path):
+    for kind in ("standard", "chat", "evaluation", "flex", "prompty"):
+        cli("flow", "init", "--flow", f"f_{kind}", "--type", kind)
+        target = tmp_path / f"f_{kind}" / ("basic.prompty" if kind == "prompty" else "")
+        result = cli("flow", "validate", "--flow", str(target))
+        assert result.stdout == ""
+        assert "Flow is valid" in result.stderr
+
+
+def test_flow_test_prints_the_outputs_as_one_json_object_on_stdout(cli):
+    cli("flow", "init", "--flow", "hello", "--type", "standard")
+    result = cli("flow", "test", "--flow", "hello", "--inputs", "text=Bonjour")
+    assert json.loads(result.stdout) == {
+        "output_prompt": "Prompt: Write a simple Bonjour program that displays the greeting message.\n"
+    }
+
+
+def test_flow_test_takes_inputs_and_init_from_files_and_the_sample(cli, tmp_path):
+    cli("flow", "init", "--flow", "flex", "--type", "flex")
+    assert json.loads(cli("flow", "test", "--flow", "flex").stdout) == {
+        "message": "Hello, World!",
+        "loud": "HELLO, WORLD!",
+    }
+    (tmp_path / "inputs.json").write_text('{"name": "Ada"}')
+    result = cli("flow", "test", "--flow", "flex", "--inputs", "inputs.json", "--init", "greeting=Hi")
+    assert json.loads(result.stdout)["message"] == "Hi, Ada!"
+
+
+def test_flow_test_streams_llm_text_to_stderr_and_prints_the_answer(cli, llm_connection):
+    cli("flow", "init", "--flow", "chat", "--type", "chat")
+    result = cli("flow", "test", "--flow", "chat", "--inputs", "question=What is a flow?")
+    answer = json.loads(result.stdout)["answer"]
+    assert answer.startswith("ans-")
+    assert answer in result.stderr
+    body = llm_connection.last_body()
+    assert body["messages"][-1] == {"role": "user", "content": "What is a flow?"}
+    assert body["model"] == "gpt-4o-mini"
+
+
+def test_prompty_flow_test_uses_its_sample(cli, llm_connection):
+    cli("flow", "init", "--flow", "p", "--type", "prompty")
+    result = cli("flow", "test", "--flow", "p/basic.prompty")
+    assert json.loads(result.stdout)["output"].startswith("ans-")
+    assert llm_connection.last_body()["messages"][-1]["content"] == "What is prompt flow?"
+
+
+def test_interactive_chat_keeps_the_history(cli, llm_connection):
+    cli("flow", "init", "--flow", "chat", "--type", "chat")
+    result = cli("flow", "test", "--flow", "chat", "--interactive", stdin="Hi there\nAnd then?\n\n")
+    replies = [line for line in result.stdout.splitlines() if line.startswith("Bot: ")]
+    assert len(replies) == 2
+    first_answer = replies[0][len("Bot: ") :]
+    messages = llm_connection.last_body()["messages"]
+    assert {"role": "user", "content": "Hi there"} in messages
+    assert {"role": "assistant", "content": first_answer} in messages
+    assert messages[-1] == {"role": "user", "content": "And then?"}
+
+
+def test_flow_test_failure_exits_1_with_the_error_on_stderr(cli, tmp_path):
+    flow = tmp_path / "bad"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(
+        "inputs:\n  x: {type: string}\noutputs:\n  y: {type: string, reference: '${boom.output}'}\n"
+        "nodes:\n- name: boom\n  type: python\n  source: {type: code, path: boom.py}\n  inputs: {x: '${inputs.x}'}\n"
+    )
+    (flow / "boom.py").write_text("def boom(x: str) -> str:\n    raise RuntimeError('exploded on ' + x)\n")
+    result = cli("flow", "test", "--flow", "bad", "--inputs", "x=now", check=False)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "exploded on now" in result.stderr
+    missing = cli("flow", "test", "--flow", "bad", check=False)
+    assert missing.returncode == 1
+    assert "Required input(s) ['x'] are missing" in missing.stderr
+
+
+def test_flow_validate_prints_every_problem_with_file_and_line(cli, tmp_path):
+    flow = tmp_path / "invalid"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(
+        "inputs:\n  q: {type: string}\noutputs:\n  a: {type: string, reference: '${nowhere.output}'}\n"
+        "nodes:\n- name: n1\n  type: python\n  source: {type: code, path: missing.py}\n  inputs: {q: '${inputs.qq}'}\n"
+    )
+    result = cli("flow", "validate", "--flow", "invalid", check=False)
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) >= 2
+    assert all(line.startswith("flow.dag.yaml:") for line in lines)
+
+
+def test_connection_commands_keep_secrets_masked(cli, tmp_path):
+    conn = tmp_path / "conn.yaml"
+    conn.write_text("name: my_llm\ntype: open_ai\napi_key: sk-very-secret-value\n")
+    created = json.loads(cli("connection", "create", "--file", str(conn)).stdout)
+    assert created["secrets"]["api_key"] == "******"
+    listed = cli("connection", "list").stdout
+    shown = cli("connection", "show", "--name", "my_llm").stdout
+    assert "sk-very-secret-value" not in listed + shown
+    assert [c["name"] for c in json.loads(listed)] == ["my_llm"]
+    cli("connection", "delete", "--name", "my_llm")
+    assert json.loads(cli("connection", "list").stdout) == []
+    gone = cli("connection", "show", "--name", "my_llm", check=False)
+    assert gone.returncode == 1 and "my_llm" in gone.stderr
+
+
+def test_run_create_then_details_and_metrics_of_an_evaluation_on_a_base_run(cli, tmp_path):
+    cli("flow", "init", "--flow", "std", "--type", "standard")
+    cli("flow", "init", "--flow", "ev", "--type", "evaluation")
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        '{"text": "Hello", "expected": "Prompt: Write a simple Hello program that displays the greeting message.\\n"}\n'
+        '{"text": "Bye", "expected": "something else"}\n'
+    )
+    base = cli(
+        "run",
+        "create",
+        "--flow",
+        "std",
+        "--data",
+        str(data),
+        "--name",
+        "base",
+        "--column-mapping",
+        "text=${data.text}",
+    )
+    summary = json.loads(base.stdout)
+    assert summary["status"] == "Completed" and summary["completed_lines"] == 2
+    assert "Finished 2 / 2 lines" in base.stderr
+
+    (tmp_path / "run.yml").write_text(
+        "flow: ev\ndata: data.jsonl\nrun: base\nname: eval\ndisplay_name: accuracy\ntags: {team: qa}\n"
+        "column_mapping:\n  groundtruth: ${data.expected}\n  prediction: ${run.outputs.output_prompt}\n"
+    )
+    ev = json.loads(cli("run", "create", "--file", "run.yml").stdout)
+    assert ev["run"] == "base" and ev["tags"] == {"team": "qa"} and ev["display_name"] == "accuracy"
+
+    details = json.loads(cli("run", "show-details", "-n", "eval", "--json").stdout)
+    assert [(d["line_number"], d["outputs"]["results"], d["status"]) for d in details] == [
+        (0, "Correct", "Completed"),
+        (1, "Incorrect", "Completed"),
+    ]
+    assert set(details[0]) == {"line_number", "inputs", "outputs", "status", "error"}
+    assert json.loads(cli("run", "show-metrics", "-n", "eval").stdout) == {"accuracy": 0.5}
+    table = cli("run", "show-details", "-n", "eval").stdout
+    assert "outputs.results" in table and "Incorrect" in table
+    shown = json.loads(cli("run", "show", "-n", "eval").stdout)
+    assert shown["name"] == "eval" and shown["status"] == "Completed"
+    names = [r["name"] for r in json.loads(cli("run", "list").stdout)]
+    assert names == ["eval", "base"]
+
+
+def test_run_create_refuses_broken_jsonl_naming_the_line(cli, tmp_path):
+    cli("flow", "init", "--flow", "std", "--type", "standard")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')
+    result = cli("run", "create", "--flow", "std", "--data", str(data), check=False)
+    assert result.returncode == 1
+    assert f"{data}:2: line 2 is not valid JSON" in result.stderr
+    assert json.loads(cli("run", "list").stdout) == []
+
+
+def test_run_create_reports_failed_lines_without_failing_the_run(cli, tmp_path):
+    flow = tmp_path / "picky"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(
+        "inputs:\n  x: {type: int}\noutputs:\n  y: {type: int, reference: '${half.output}'}\n"
+        "nodes:\n- name: half\n  type: python\n  source: {type: code, path: half.py}\n  inputs: {x: '${inputs.x}'}\n"
+    )
+    (flow / "half.py").write_text(
+        "def half(x: int) -> int:\n    assert x % 2 == 0, 'odd input'\n    return x // 2\n"
+    )
+    data = tmp_path / "nums.csv"
+    data.write_text("x\n2\n3\n8\n")
+    result = cli("run", "create", "--flow", "picky", "--data", str(data), "--name", "nums")
+    assert json.loads(result.stdout)["failed_lines"] == 1
+    assert "1 of 3 lines failed" in result.stderr
+    details = json.loads(cli("run", "show-details", "-n", "nums", "--json").stdout)
+    assert [d["outputs"] for d in details] == [{"y": 1}, {}, {"y": 4}]
+    assert "odd input" in details[1]["error"]["message"]

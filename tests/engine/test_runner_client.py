@@ -1,0 +1,232 @@
+"""RunnerProcess isolates flow code: scrubbed environment, resource limits, timeouts, survival of a dead runner."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from flowengine import events
+from flowengine.runner_client import Limits, RunnerError, RunnerProcess, run_line_sync
+
+FLOW_YAML = """
+inputs:
+  action: {type: string}
+  size_mb: {type: int, default: 0}
+outputs:
+  result: {type: object, reference: "${act.output}"}
+nodes:
+- name: act
+  type: python
+  source: {type: code, path: act.py}
+  inputs: {action: "${inputs.action}", size_mb: "${inputs.size_mb}"}
+"""
+
+ACT_PY = """
+import os
+import signal
+import time
+
+
+def act(action: str, size_mb: int = 0):
+    if action == "env":
+        return dict(os.environ)
+    if action == "allocate":
+        block = bytearray(size_mb * 1024 * 1024)
+        return len(block)
+    if action == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "segfault":
+        import ctypes
+        ctypes.string_at(0)
+    if action == "spin":
+        while True:
+            pass
+    if action == "sleep":
+        time.sleep(60)
+    return action
+"""
+
+BLOCKING_ASYNC_PY = """
+async def act(action: str, size_mb: int = 0):
+    if action == "spin":
+        while True:
+            pass
+    return action
+"""
+
+
+def make_flow(tmp_path: Path, code: str = ACT_PY) -> Path:
+    flow = tmp_path / "flow"
+    flow.mkdir(exist_ok=True)
+    (flow / "flow.dag.yaml").write_text(textwrap.dedent(FLOW_YAML))
+    (flow / "act.py").write_text(textwrap.dedent(code))
+    return flow
+
+
+async def last_event(rp: RunnerProcess, **inputs):
+    collected = [ev async for ev in rp.run_line(inputs, line_number=0)]
+    assert isinstance(collected[-1], events.LineCompleted)
+    return collected[-1], collected
+
+
+async def test_scrubbed_environment_hides_the_parents_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_SECRET_KEY", "do-not-leak-1234")
+    monkeypatch.setenv("DATABASE_URL", "postgres://user:pw@db/studio")
+    workdir = tmp_path / "work"
+    async with RunnerProcess(env_mode="scrubbed", workdir=workdir) as rp:
+        await rp.start(make_flow(tmp_path))
+        done, _ = await last_event(rp, action="env")
+    assert done.status == "Completed", done.error
+    env = done.outputs["result"]
+    assert "STUDIO_SECRET_KEY" not in env
+    assert "DATABASE_URL" not in env
+    assert "do-not-leak-1234" not in repr(env)
+    assert env["HOME"] == str(workdir)
+    assert env["TMPDIR"].startswith(str(workdir))
+    allowed = {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "TMPDIR", "PYTHONPATH"}
+    allowed |= {"PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONDONTWRITEBYTECODE", "MALLOC_ARENA_MAX"}
+    assert set(env) - allowed == set()
+
+
+async def test_inherit_mode_passes_the_users_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_LOCAL_SETTING", "kept")
+    async with RunnerProcess(env_mode="inherit") as rp:
+        await rp.start(make_flow(tmp_path))
+        done, _ = await last_event(rp, action="env")
+    assert done.outputs["result"]["MY_LOCAL_SETTING"] == "kept"
+    assert done.outputs["result"]["HOME"] == os.environ["HOME"]
+
+
+async def test_memory_limit_stops_the_flow_with_a_clear_error_and_the_caller_carries_on(tmp_path):
+    async with RunnerProcess(limits=Limits(memory_mb=768)) as rp:
+        await rp.start(make_flow(tmp_path))
+        done, _ = await last_event(rp, action="allocate", size_mb=2048)
+        assert done.status == "Failed"
+        assert "memory limit of 768 MB" in done.error.message
+        after, _ = await last_event(rp, action="allocate", size_mb=8)
+    assert after.status == "Completed"
+    assert after.outputs["result"] == 8 * 1024 * 1024
+
+
+async def test_a_killed_runner_becomes_an_error_event_and_the_next_line_runs(tmp_path):
+    async with RunnerProcess() as rp:
+        await rp.start(make_flow(tmp_path))
+        done, collected = await last_event(rp, action="die")
+        assert done.status == "Failed"
+        assert "runner exited with signal 9 (SIGKILL)" in done.error.message
+        assert any(isinstance(ev, events.ErrorEvent) for ev in collected)
+        after, _ = await last_event(rp, action="hello")
+        assert after.outputs["result"] == "hello"
+        assert rp.restarts == 1
+
+
+async def test_a_segfault_is_reported_with_its_signal(tmp_path):
+    async with RunnerProcess() as rp:
+        await rp.start(make_flow(tmp_path))
+        done, _ = await last_event(rp, action="segfault")
+    assert done.status == "Failed"
+    assert "signal 11 (SIGSEGV)" in done.error.message
+
+
+async def test_an_infinite_loop_in_sync_code_is_stopped_by_the_line_timeout(tmp_path):
+    async with RunnerProcess(line_timeout=1.0, kill_grace=0.5) as rp:
+        await rp.start(make_flow(tmp_path))
+        started = time.monotonic()
+        done, _ = await last_event(rp, action="spin")
+        assert time.monotonic() - started < 3
+        assert done.status == "Failed"
+        assert done.error.type == "LineExecutionTimeoutError"
+        assert "exceeding 1 seconds" in done.error.message
+        await asyncio.sleep(0.8)
+        # The spinning thread cannot be stopped in place, so the runner is replaced before the next line.
+        after, _ = await last_event(rp, action="ok")
+        assert after.outputs["result"] == "ok"
+        assert rp.restarts == 1
+
+
+async def test_an_infinite_loop_blocking_the_event_loop_kills_the_runner(tmp_path):
+    async with RunnerProcess(line_timeout=1.0, kill_grace=0.5) as rp:
+        await rp.start(make_flow(tmp_path, BLOCKING_ASYNC_PY))
+        started = time.monotonic()
+        done, _ = await last_event(rp, action="spin")
+        assert done.error.type == "LineExecutionTimeoutError"
+        await asyncio.sleep(1.0)
+        assert rp.proc is not None and rp.proc.returncode is not None
+        after, _ = await last_event(rp, action="ok")
+        assert after.outputs["result"] == "ok"
+        assert time.monotonic() - started < 8
+
+
+async def test_overall_timeout_fails_the_remaining_lines(tmp_path):
+    async with RunnerProcess(total_timeout=1.0, line_timeout=None) as rp:
+        await rp.start(make_flow(tmp_path))
+        done, _ = await last_event(rp, action="sleep")
+        assert done.status == "Failed"
+        assert "overall timeout of 1 seconds" in done.error.message
+        later, _ = await last_event(rp, action="ok")
+        assert later.status == "Failed"
+
+
+async def test_cancel_ends_a_running_line(tmp_path):
+    async with RunnerProcess() as rp:
+        await rp.start(make_flow(tmp_path))
+
+        async def run() -> events.LineCompleted:
+            done, _ = await last_event(rp, action="sleep")
+            return done
+
+        task = asyncio.create_task(run())
+        await asyncio.sleep(0.5)
+        rid = next(iter(rp._queues))
+        await rp.cancel(rid)
+        done = await asyncio.wait_for(task, 10)
+    assert done.status == "Failed"
+    assert done.error.type == "LineCanceled"
+
+
+async def test_start_raises_a_runner_error_naming_the_flow_file(tmp_path):
+    flow = tmp_path / "bad"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text("inputs: [not, a, mapping\n")
+    async with RunnerProcess() as rp:
+        with pytest.raises(RunnerError) as info:
+            await rp.start(flow)
+    assert "flow.dag.yaml" in str(info.value)
+
+
+async def test_closing_kills_the_whole_process_group(tmp_path):
+    code = textwrap.dedent(
+        """
+        import subprocess
+
+
+        def act(action: str, size_mb: int = 0):
+            return subprocess.Popen(["sleep", "60"]).pid
+        """
+    )
+    rp = RunnerProcess()
+    await rp.start(make_flow(tmp_path, code))
+    done, _ = await last_event(rp, action="spawn")
+    child = done.outputs["result"]
+    await rp.close()
+    await asyncio.sleep(0.2)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    # A killed child whose parent is gone may linger as a zombie until init reaps it.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_sync_helper_runs_one_line(tmp_path):
+    collected = run_line_sync(make_flow(tmp_path), {"action": "hi"})
+    assert collected[-1].outputs == {"result": "hi"}

@@ -1,0 +1,219 @@
+"""The runner process speaks JSON lines: events in order, lines concurrently, user output never on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FLOW_YAML = """
+inputs:
+  text: {type: string}
+  delay: {type: double, default: 0}
+outputs:
+  result: {type: string, reference: "${shout.output}"}
+  length: {type: int, reference: "${measure.output}"}
+nodes:
+- name: shout
+  type: python
+  source: {type: code, path: shout.py}
+  inputs: {text: "${inputs.text}", delay: "${inputs.delay}"}
+- name: measure
+  type: python
+  source: {type: code, path: measure.py}
+  inputs: {text: "${shout.output}"}
+"""
+
+SHOUT_PY = """
+import asyncio
+import os
+import sys
+
+
+async def shout(text: str, delay: float = 0) -> str:
+    print('{"id": "init", "done": true}')
+    print("not json at all", file=sys.stderr)
+    os.write(1, b'{"id": "forged", "event": {"type": "metrics"}}\\n')
+    os.write(2, b"raw stderr bytes\\n")
+    await asyncio.sleep(delay)
+    return text.upper()
+"""
+
+MEASURE_PY = """
+def measure(text: str) -> int:
+    return len(text)
+"""
+
+
+def make_flow(tmp_path: Path) -> Path:
+    flow = tmp_path / "flow"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(textwrap.dedent(FLOW_YAML))
+    (flow / "shout.py").write_text(textwrap.dedent(SHOUT_PY))
+    (flow / "measure.py").write_text(textwrap.dedent(MEASURE_PY))
+    return flow
+
+
+class RawRunner:
+    """A runner process driven over its raw protocol."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.raw_lines: list[bytes] = []
+
+    @classmethod
+    async def start(cls, flow: Path) -> RawRunner:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "flowengine.runner",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        runner = cls(proc)
+        await runner.send({"op": "init", "id": "init", "flow_dir": str(flow), "connections": {}})
+        replies = await runner.until_done("init")
+        assert replies == [], replies
+        return runner
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(message) + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        raw = await asyncio.wait_for(self.proc.stdout.readline(), 30)
+        assert raw, "runner closed its output"
+        self.raw_lines.append(raw)
+        return json.loads(raw)
+
+    async def until_done(self, request_id: str) -> list[dict[str, Any]]:
+        events = []
+        while True:
+            msg = await self.read()
+            if msg["id"] == request_id and msg.get("done"):
+                return events
+            if msg["id"] == request_id:
+                events.append(msg["event"])
+
+    async def collect(self, ids: set[str]) -> dict[str, list[dict[str, Any]]]:
+        events: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+        open_ids = set(ids)
+        while open_ids:
+            msg = await self.read()
+            if msg.get("done"):
+                open_ids.discard(msg["id"])
+            elif msg["id"] in events:
+                events[msg["id"]].append(msg["event"])
+        return events
+
+    async def stop(self) -> int:
+        await self.send({"op": "exit"})
+        return await asyncio.wait_for(self.proc.wait(), 10)
+
+
+async def test_line_events_arrive_in_order_and_end_with_line_completed(tmp_path):
+    runner = await RawRunner.start(make_flow(tmp_path))
+    await runner.send({"op": "line", "id": "a", "inputs": {"text": "hi"}, "line_number": 7})
+    events = (await runner.collect({"a"}))["a"]
+    kinds = [e["type"] for e in events if e["type"] not in ("log", "trace_span")]
+    assert kinds[0] == "node_started"
+    assert kinds.index("node_completed") < kinds.index("line_completed")
+    assert kinds[-1] == "line_completed"
+    order = [e["node"] for e in events if e["type"] == "node_completed"]
+    assert order == ["shout", "measure"]
+    last = events[-1]
+    assert last["status"] == "Completed"
+    assert last["outputs"] == {"result": "HI", "length": 2}
+    assert last["line_number"] == 7
+    assert await runner.stop() == 0
+
+
+async def test_user_output_becomes_log_events_and_never_corrupts_the_protocol(tmp_path):
+    runner = await RawRunner.start(make_flow(tmp_path))
+    await runner.send({"op": "line", "id": "a", "inputs": {"text": "hi"}, "line_number": 0})
+    events = (await runner.collect({"a"}))["a"]
+    assert events[-1]["status"] == "Completed"
+    await runner.stop()
+    # Every byte the runner wrote on its protocol channel is a well-formed reply; nothing forged got through.
+    for raw in runner.raw_lines:
+        msg = json.loads(raw)
+        assert set(msg) in ({"id", "event"}, {"id", "done"})
+        assert msg["id"] != "forged"
+    texts = [e["text"] for e in events if e["type"] == "log"]
+    assert '{"id": "init", "done": true}' in texts
+    assert "not json at all" in texts
+    assert "raw stderr bytes" in texts
+    assert '{"id": "forged", "event": {"type": "metrics"}}' in texts
+    streams = {e["text"]: e["stream"] for e in events if e["type"] == "log"}
+    assert streams["not json at all"] == "stderr"
+    assert streams["raw stderr bytes"] == "stderr"
+
+
+async def test_lines_run_concurrently_in_one_runner(tmp_path):
+    runner = await RawRunner.start(make_flow(tmp_path))
+    started = time.monotonic()
+    ids = {f"line{i}" for i in range(40)}
+    for i in range(40):
+        await runner.send(
+            {"op": "line", "id": f"line{i}", "inputs": {"text": f"t{i}", "delay": 0.5}, "line_number": i}
+        )
+    events = await runner.collect(ids)
+    elapsed = time.monotonic() - started
+    # 40 lines of 0.5 s each finish in about the time of one when they overlap.
+    assert elapsed < 3.0
+    for i in range(40):
+        last = events[f"line{i}"][-1]
+        assert last["type"] == "line_completed"
+        assert last["outputs"]["result"] == f"T{i}"
+        assert last["line_number"] == i
+    await runner.stop()
+
+
+async def test_cancel_stops_one_line_and_leaves_the_others_running(tmp_path):
+    runner = await RawRunner.start(make_flow(tmp_path))
+    await runner.send({"op": "line", "id": "slow", "inputs": {"text": "s", "delay": 30}, "line_number": 0})
+    await runner.send({"op": "line", "id": "fast", "inputs": {"text": "f", "delay": 0.2}, "line_number": 1})
+    await asyncio.sleep(0.1)
+    await runner.send({"op": "cancel", "id": "slow"})
+    events = await runner.collect({"slow", "fast"})
+    slow = events["slow"][-1]
+    assert slow["type"] == "line_completed"
+    assert slow["status"] == "Failed"
+    assert slow["error"]["type"] == "LineCanceled"
+    assert events["fast"][-1]["outputs"]["result"] == "F"
+    await runner.stop()
+
+
+async def test_a_flow_that_cannot_load_is_reported_on_init(tmp_path):
+    flow = tmp_path / "broken"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text("inputs:\n  x: {type: string}\nnodes:\n- name: a\n  type: python\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "flowengine.runner",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    runner = RawRunner(proc)
+    await runner.send({"op": "init", "id": "init", "flow_dir": str(flow)})
+    events = await runner.until_done("init")
+    assert events[0]["type"] == "error"
+    assert events[0]["error"]["code"] == "UserError"
+    assert "flow.dag.yaml" in events[0]["error"]["message"]
+    assert await runner.stop() == 0
