@@ -9,6 +9,9 @@ SCALEOUT_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/flowstudio
 SCALEOUT_REDIS_URL ?= redis://127.0.0.1:6379/0
 SCALEOUT_BROKER_URL ?= redis://127.0.0.1:6379/1
 
+# Each test session gets its own data directory (SQLite files, broker folders, keys): sessions never share a file.
+TEST_ENV = STUDIO_DATA_DIR=$$(mktemp -d /tmp/flowstudio-test-XXXXXX)
+
 .DEFAULT_GOAL := help
 .PHONY: help run worker test test-engine test-scaleout lint check bench bench-engine clean
 
@@ -34,20 +37,20 @@ worker: $(RUN_STAMP) ## Start a Celery worker for this host (scale-out: set DATA
 	$(BIN)/celery -A studio worker --loglevel INFO
 
 test: $(TEST_STAMP) lint ## Install what tests need and run the whole suite (SQLite, then PostgreSQL + Redis when reachable)
-	$(BIN)/python -m pytest $(PYTEST_ARGS) $$( [ -x /usr/bin/chromium ] || { echo "--ignore=tests/e2e" ; echo "Debian's chromium is not installed: browser tests are not run (.ci/run installs it)." >&2; } )
+	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS) $$( [ -x /usr/bin/chromium ] || { echo "--ignore=tests/e2e" ; echo "Debian's chromium is not installed: browser tests are not run (.ci/run installs it)." >&2; } )
 	@$(MAKE) --no-print-directory test-scaleout
 
 test-scaleout: $(TEST_STAMP) ## Run the database, Celery and Channels tests again on PostgreSQL + Redis
 	@if $(BIN)/python -c "import socket,sys; [socket.create_connection(a, 2).close() for a in [('127.0.0.1',5432),('127.0.0.1',6379)]]" 2>/dev/null; then \
 	  echo "Scale-out leg: PostgreSQL at 127.0.0.1:5432, Redis at 127.0.0.1:6379"; \
-	  DATABASE_URL=$(SCALEOUT_DATABASE_URL) REDIS_URL=$(SCALEOUT_REDIS_URL) CELERY_BROKER_URL=$(SCALEOUT_BROKER_URL) \
+	  $(TEST_ENV) DATABASE_URL=$(SCALEOUT_DATABASE_URL) REDIS_URL=$(SCALEOUT_REDIS_URL) CELERY_BROKER_URL=$(SCALEOUT_BROKER_URL) \
 	    $(BIN)/python -m pytest -m integration $(PYTEST_ARGS); \
 	else \
 	  echo "PostgreSQL (127.0.0.1:5432) or Redis (127.0.0.1:6379) is not reachable: the scale-out leg was NOT run."; \
 	fi
 
 test-engine: $(TEST_STAMP) ## Run the engine tests alone (no Django)
-	$(BIN)/python -m pytest tests/engine $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest tests/engine $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP) ## Ruff lint and format check
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ from django.core.exceptions import ValidationError
 from django.http import HttpRequest
 from ninja import Router, Schema
 from ninja.errors import HttpError
+from ninja.responses import Status
 from ninja.security import HttpBearer
 
 from accounts_app import selectors, services
@@ -97,13 +98,13 @@ def token_list(request: HttpRequest) -> list[dict[str, Any]]:
 
 
 @router.post("/tokens", response={201: TokenCreatedOut}, summary="Create a token (shown once)")
-def token_create(request: HttpRequest, payload: TokenCreateIn) -> tuple[int, dict[str, Any]]:
+def token_create(request: HttpRequest, payload: TokenCreateIn) -> Status[dict[str, Any]]:
     """Create a token; the response is the only time its plaintext is shown."""
     try:
         created = services.token_create(user=request.auth, name=payload.name)  # type: ignore[attr-defined]
     except ValidationError as exc:
         raise HttpError(422, "; ".join(exc.messages)) from None
-    return 201, {**_token_out(created.token), "token": created.plaintext}
+    return Status(201, {**_token_out(created.token), "token": created.plaintext})
 
 
 @router.delete("/tokens/{token_id}", response=TokenOut, summary="Revoke a token")

@@ -38,7 +38,9 @@ class TeamMemberForm(forms.Form):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["user"].queryset = get_user_model()._default_manager.filter(is_active=True).order_by("username")
+        self.fields["user"].queryset = (
+            get_user_model()._default_manager.filter(is_active=True).order_by("username")
+        )
 
 
 class SetupForm(forms.Form):
@@ -46,7 +48,9 @@ class SetupForm(forms.Form):
 
     username = forms.CharField(max_length=150, initial="admin")
     email = forms.EmailField(required=False)
-    password1 = forms.CharField(label="Password", widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}))
+    password1 = forms.CharField(
+        label="Password", widget=forms.PasswordInput(attrs={"autocomplete": "new-password"})
+    )
     password2 = forms.CharField(
         label="Password (again)", widget=forms.PasswordInput(attrs={"autocomplete": "new-password"})
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -133,7 +134,9 @@ def _check_workers(wait: float) -> dict[str, Any]:
     try:
         reply = result.get(timeout=wait, interval=0.1)
     finally:
-        result.forget()
+        # Nothing to forget when no worker answered (the file backend then has no file to delete).
+        with contextlib.suppress(OSError):
+            result.forget()
     return {"hostname": reply["hostname"]}
 
 

@@ -81,7 +81,9 @@ def team_add_member(
 ) -> Membership:
     """Add a user to a team, or change their role; idempotent. Only team admins and staff may do it."""
     if role not in Membership.Role.values:
-        raise ValidationError({"role": f"Unknown role {role!r}; use one of {', '.join(Membership.Role.values)}."})
+        raise ValidationError(
+            {"role": f"Unknown role {role!r}; use one of {', '.join(Membership.Role.values)}."}
+        )
     if not _is_team_admin(team=team, user=added_by):
         raise PermissionDenied("Only the team's admins and staff can add members.")
     membership, created = Membership.objects.get_or_create(team=team, user=user, defaults={"role": role})
@@ -103,7 +105,9 @@ def team_remove_member(*, team: Team, user: AbstractBaseUser, removed_by: Abstra
             return
         admins = [m for m in memberships if m.role == Membership.Role.ADMIN]
         if target.role == Membership.Role.ADMIN and len(admins) == 1:
-            raise ValidationError(f"{user} is the last admin of team {team.name!r}; make someone else admin first.")
+            raise ValidationError(
+                f"{user} is the last admin of team {team.name!r}; make someone else admin first."
+            )
         target.delete()
 
 
@@ -121,7 +125,9 @@ def user_set_password_path(*, user: AbstractBaseUser, requested_by: AbstractBase
     return reverse("password_reset_confirm", kwargs={"uidb64": uidb64, "token": token})
 
 
-def user_invite(*, username: str, email: str = "", is_staff: bool = False, invited_by: AbstractBaseUser) -> Invitation:
+def user_invite(
+    *, username: str, email: str = "", is_staff: bool = False, invited_by: AbstractBaseUser
+) -> Invitation:
     """Create a user without a usable password and return their one-time set-password link. Staff only."""
     _require_staff(invited_by)
     user_model = get_user_model()
@@ -170,7 +176,9 @@ def token_authenticate(*, plaintext: str) -> AbstractBaseUser | None:
     if token is None or not token.user.is_active:
         return None
     if token.revoked_at is not None:
-        raise TokenRevokedError(f"The token {token.prefix}… was revoked on {token.revoked_at:%Y-%m-%d %H:%M} UTC.")
+        raise TokenRevokedError(
+            f"The token {token.prefix}… was revoked on {token.revoked_at:%Y-%m-%d %H:%M} UTC."
+        )
     now = timezone.now()
     if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)

@@ -44,6 +44,8 @@ urlpatterns: list[URLPattern | URLResolver] = [
         ),
         name="password_reset_confirm",
     ),
-    path("set-password/done/", auth_views.PasswordResetCompleteView.as_view(), name="password_reset_complete"),
+    path(
+        "set-password/done/", auth_views.PasswordResetCompleteView.as_view(), name="password_reset_complete"
+    ),
     path("", include((accounts_patterns, "accounts"))),
 ]

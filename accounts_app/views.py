@@ -103,7 +103,9 @@ def token_create(request: HttpRequest) -> HttpResponse:
             created = services.token_create(user=request.user, name=form.cleaned_data["name"])
         except ValidationError as exc:
             _add_form_errors(form, exc)
-    context = _settings_context(request, token_form=form if created is None else TokenCreateForm(), created=created)
+    context = _settings_context(
+        request, token_form=form if created is None else TokenCreateForm(), created=created
+    )
     template = f"{SETTINGS_TEMPLATE}#tokens" if request.htmx else SETTINGS_TEMPLATE
     return render(request, template, context, status=200 if created or form.is_valid() else 422)
 

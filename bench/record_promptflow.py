@@ -113,10 +113,11 @@ def outside(flow_names: list[str]) -> int:
 class Recorder:
     """Drives prompt flow's SDK over the corpus and writes expected.json files."""
 
-    def __init__(self, fake_url: str) -> None:
+    def __init__(self, fake_url: str, corpus: Path) -> None:
         from promptflow.client import PFClient
 
         self.fake_url = fake_url
+        self.corpus = corpus
         self.pf = PFClient()
         self.batch_runs: dict[tuple[str, str], str] = {}
         self.create_connections()
@@ -139,7 +140,7 @@ class Recorder:
             value = value.replace(self.fake_url + "/v1", BASE_URL_TOKEN).replace(self.fake_url, URL_TOKEN)
             if flow_dir is not None:
                 value = value.replace(str(flow_dir.resolve()), "<flow>")
-            value = value.replace(str(CORPUS.resolve()), "<corpus>")
+            value = value.replace(str(self.corpus.resolve()), "<corpus>")
             # Tracebacks name files by absolute path (prompt flow's own and temporary copies of the flow).
             value = re.sub(r'File "([^"]*/)?([^"/]+)"', r'File "\2"', value)
             value = re.sub(r"/tmp/[^\s'\"]*", "<tmp>", value)
@@ -302,7 +303,7 @@ class Recorder:
         if base:
             base_run = self.batch_runs.get((base["flow"], base["batch"]))
             if base_run is None:
-                base_dir = CORPUS / base["flow"]
+                base_dir = self.corpus / base["flow"]
                 base_case = json.loads((base_dir / "cases.json").read_text())
                 base_batch = next(b for b in base_case["batches"] if b["name"] == base["batch"])
                 base_run, _ = self.record_batch(base_dir, base_batch, base_case.get("env") or {})
@@ -407,25 +408,28 @@ def _jsonable(value: Any) -> Any:
 
 def inside(fake_url: str, flow_names: list[str]) -> int:
     """Record every requested corpus flow (all by default) with prompt flow."""
-    recorder = Recorder(fake_url)
-    names = flow_names or sorted(
-        p.name for p in CORPUS.iterdir() if p.is_dir() and (p / "cases.json").exists()
-    )
+    # Prompt flow writes .promptflow/ folders next to the flows it runs: let it write into a copy.
+    work = Path(tempfile.mkdtemp(prefix="pfcorpus-")) / "flows"
+    shutil.copytree(CORPUS, work, ignore=shutil.ignore_patterns("expected.json", ".promptflow", "__pycache__"))
+    recorder = Recorder(fake_url, work)
+    names = flow_names or sorted(p.name for p in CORPUS.iterdir() if p.is_dir() and (p / "cases.json").exists())
     failures = 0
-    for name in names:
-        flow_dir = CORPUS / name
-        started = time.monotonic()
-        try:
-            data = recorder.record_flow(flow_dir)
-        except Exception as exc:  # keep going: one broken flow must not hide the others' recordings
-            failures += 1
-            traceback.print_exc()
-            print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            continue
-        (flow_dir / "expected.json").write_text(
-            json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        print(f"recorded {name} in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    try:
+        for name in names:
+            started = time.monotonic()
+            try:
+                data = recorder.record_flow(work / name)
+            except Exception as exc:  # keep going: one broken flow must not hide the others' recordings
+                failures += 1
+                traceback.print_exc()
+                print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            (CORPUS / name / "expected.json").write_text(
+                json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+            print(f"recorded {name} in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    finally:
+        shutil.rmtree(work.parent, ignore_errors=True)
     return 1 if failures else 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -141,9 +142,7 @@ def resolve_test_inputs(flow: Any, given: Mapping[str, Any], *, node: str | None
     inputs = dict(given)
     sample_inputs, _ = _sample_parts(flow)
     if node:
-        for key, value in sample_inputs.items():
-            inputs.setdefault(key, value)
-        return inputs
+        return _node_test_inputs(flow, node, inputs, sample_inputs)
     if (flow.kind == "prompty" and not given) or not flow.inputs:
         # Prompty, and flex flows that declare no inputs, take the sample for what is not given.
         inputs = {**sample_inputs, **inputs}
@@ -169,21 +168,61 @@ def resolve_test_inputs(flow: Any, given: Mapping[str, Any], *, node: str | None
     return inputs
 
 
+def _node_test_inputs(
+    flow: Any, node: str, given: dict[str, Any], sample_inputs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Inputs for testing one node: a value may be given by the node's own input name, as prompt flow allows."""
+    from flowengine.model import parse_reference
+
+    target = flow.node(node)
+    if target is None:
+        raise CLIError(f"{flow.file}: the flow has no node '{node}'")
+    inputs = dict(given)
+    for key, value in target.inputs.items():
+        ref = parse_reference(value)
+        if ref is None or key not in given:
+            continue
+        if ref.kind == "input":
+            inputs.setdefault(ref.name, given[key])
+        elif ref.property:
+            merged = inputs.setdefault(f"{ref.name}.{ref.section}", {})
+            if isinstance(merged, dict):
+                merged.setdefault(ref.property, given[key])
+        else:
+            inputs.setdefault(f"{ref.name}.{ref.section}", given[key])
+    for name, definition in flow.inputs.items():
+        if name not in inputs and definition.default is not None:
+            inputs[name] = definition.default
+        elif name not in inputs and name in sample_inputs:
+            inputs[name] = sample_inputs[name]
+    return inputs
+
+
 def cmd_flow_test(args: argparse.Namespace) -> int:
     """Run one line of a flow through a runner process; outputs as one JSON object on stdout."""
     import asyncio
 
-    flow = _load_flow(args.flow)
-    given = _load_values(args.inputs, "inputs")
-    init = _load_values(args.init, "init")
-    _, sample_init = _sample_parts(flow)
-    for key, value in sample_init.items():
-        init.setdefault(key, value)
-    env = _parse_pairs(args.environment_variables, "--environment-variables")
-    if args.interactive:
-        return asyncio.run(_interactive(args, flow, given, init, env))
-    inputs = resolve_test_inputs(flow, given, node=args.node)
-    return asyncio.run(_test_once(args, flow, inputs, init, env))
+    return asyncio.run(_flow_test(args))
+
+
+async def _flow_test(args: argparse.Namespace) -> int:
+    from flowengine.runner_client import RunnerProcess
+
+    async with RunnerProcess(on_log=_on_log(args.verbose), **_runner_kw(args)) as rp:
+        if Path(args.flow).exists():
+            # The runner boots while this process loads the flow and decrypts the connections.
+            await rp.spawn()
+        flow = _load_flow(args.flow)
+        given = _load_values(args.inputs, "inputs")
+        init = _load_values(args.init, "init")
+        _, sample_init = _sample_parts(flow)
+        for key, value in sample_init.items():
+            init.setdefault(key, value)
+        env = _parse_pairs(args.environment_variables, "--environment-variables")
+        if args.interactive:
+            return await _interactive(rp, args, flow, given, init, env)
+        inputs = resolve_test_inputs(flow, given, node=args.node)
+        return await _test_once(rp, args, flow, inputs, init, env)
 
 
 def _runner_kw(args: argparse.Namespace) -> dict[str, Any]:
@@ -193,7 +232,13 @@ def _runner_kw(args: argparse.Namespace) -> dict[str, Any]:
         "env_mode": "inherit",
         "limits": Limits(memory_mb=getattr(args, "memory_limit_mb", None)),
         "line_timeout": getattr(args, "line_timeout", None),
+        "use_zygote": _use_zygote(),
     }
+
+
+def _use_zygote() -> bool:
+    """Whether runners come from the local fork server (warm start); FLOWSTUDIO_NO_ZYGOTE=1 turns it off."""
+    return os.environ.get("FLOWSTUDIO_NO_ZYGOTE", "").lower() not in ("1", "true", "yes")
 
 
 def _on_log(verbose: bool) -> Any:
@@ -204,34 +249,43 @@ def _on_log(verbose: bool) -> Any:
     return show
 
 
+async def _start(
+    rp: Any, args: argparse.Namespace, flow: Any, init: dict[str, Any], env: dict[str, Any]
+) -> None:
+    from flowengine.runner_client import RunnerError
+
+    try:
+        await rp.start(flow.flow_file, _local_connections(), args.variant, init, environment_variables=env)
+    except RunnerError as exc:
+        raise CLIError(str(exc)) from None
+
+
 async def _test_once(
-    args: argparse.Namespace, flow: Any, inputs: dict[str, Any], init: dict[str, Any], env: dict[str, Any]
+    rp: Any,
+    args: argparse.Namespace,
+    flow: Any,
+    inputs: dict[str, Any],
+    init: dict[str, Any],
+    env: dict[str, Any],
 ) -> int:
     from flowengine import events
-    from flowengine.runner_client import RunnerError, RunnerProcess
 
-    async with RunnerProcess(on_log=_on_log(args.verbose), **_runner_kw(args)) as rp:
-        try:
-            await rp.start(
-                flow.flow_file, _local_connections(), args.variant, init, environment_variables=env
-            )
-        except RunnerError as exc:
-            raise CLIError(str(exc)) from None
-        streamed = False
-        completed = None
-        async for ev in rp.run_line(inputs, line_number=0, stream=True, node=args.node):
-            if isinstance(ev, events.OutputChunk):
-                sys.stderr.write(ev.delta)
-                sys.stderr.flush()
-                streamed = True
-            elif isinstance(ev, events.LogLine):
-                _on_log(args.verbose)(None, ev)
-            elif isinstance(ev, events.NodeFailed) and ev.error is not None and args.verbose:
-                _err(f"node '{ev.node}' failed: {ev.error.message}")
-            elif isinstance(ev, events.LineCompleted):
-                completed = ev
-        if streamed:
-            sys.stderr.write("\n")
+    await _start(rp, args, flow, init, env)
+    streamed = False
+    completed = None
+    async for ev in rp.run_line(inputs, line_number=0, stream=True, node=args.node):
+        if isinstance(ev, events.OutputChunk):
+            sys.stderr.write(ev.delta)
+            sys.stderr.flush()
+            streamed = True
+        elif isinstance(ev, events.LogLine):
+            _on_log(args.verbose)(None, ev)
+        elif isinstance(ev, events.NodeFailed) and ev.error is not None and args.verbose:
+            _err(f"node '{ev.node}' failed: {ev.error.message}")
+        elif isinstance(ev, events.LineCompleted):
+            completed = ev
+    if streamed:
+        sys.stderr.write("\n")
     if completed is None or completed.status != "Completed":
         error = completed.error if completed is not None else None
         message = error.message if error is not None else "the flow failed"
@@ -243,12 +297,16 @@ async def _test_once(
 
 
 async def _interactive(
-    args: argparse.Namespace, flow: Any, given: dict[str, Any], init: dict[str, Any], env: dict[str, Any]
+    rp: Any,
+    args: argparse.Namespace,
+    flow: Any,
+    given: dict[str, Any],
+    init: dict[str, Any],
+    env: dict[str, Any],
 ) -> int:
     import asyncio
 
     from flowengine import events
-    from flowengine.runner_client import RunnerError, RunnerProcess
 
     chat_input = flow.chat_input_name
     chat_output = flow.chat_output_name
@@ -257,59 +315,50 @@ async def _interactive(
         raise CLIError(f"{flow.file}: --interactive needs a chat flow (an input with is_chat_input: true)")
     history: list[dict[str, Any]] = []
     loop = asyncio.get_running_loop()
-    async with RunnerProcess(on_log=_on_log(args.verbose), **_runner_kw(args)) as rp:
+    await _start(rp, args, flow, init, env)
+    _err("Chat with the flow; an empty line or Ctrl-D ends the chat.")
+    number = 0
+    while True:
+        sys.stderr.write("User: ")
+        sys.stderr.flush()
+        text = await loop.run_in_executor(None, sys.stdin.readline)
+        if not text or not text.strip() or text.strip() in ("exit", "quit"):
+            break
+        line_given = dict(given)
+        line_given[chat_input] = text.rstrip("\n")
+        if history_name:
+            line_given[history_name] = list(history)
         try:
-            await rp.start(
-                flow.flow_file, _local_connections(), args.variant, init, environment_variables=env
-            )
-        except RunnerError as exc:
-            raise CLIError(str(exc)) from None
-        _err("Chat with the flow; an empty line or Ctrl-D ends the chat.")
-        number = 0
-        while True:
-            sys.stderr.write("User: ")
-            sys.stderr.flush()
-            text = await loop.run_in_executor(None, sys.stdin.readline)
-            if not text or not text.strip() or text.strip() in ("exit", "quit"):
-                break
-            line_given = dict(given)
-            line_given[chat_input] = text.rstrip("\n")
-            if history_name:
-                line_given[history_name] = list(history)
-            try:
-                inputs = resolve_test_inputs(flow, line_given)
-            except CLIError as exc:
-                _err(str(exc))
-                return 1
-            sys.stdout.write("Bot: ")
-            sys.stdout.flush()
-            streamed = False
-            completed = None
-            async for ev in rp.run_line(inputs, line_number=number, stream=True):
-                if isinstance(ev, events.OutputChunk) and (chat_output is None or ev.output == chat_output):
-                    sys.stdout.write(ev.delta)
-                    sys.stdout.flush()
-                    streamed = True
-                elif isinstance(ev, events.LogLine):
-                    _on_log(args.verbose)(None, ev)
-                elif isinstance(ev, events.LineCompleted):
-                    completed = ev
-            number += 1
-            if completed is None or completed.status != "Completed":
-                sys.stdout.write("\n")
-                _err(
-                    "error: "
-                    + (completed.error.message if completed and completed.error else "the flow failed")
-                )
-                continue
-            if not streamed:
-                answer = completed.outputs.get(chat_output) if chat_output else completed.outputs
-                sys.stdout.write(
-                    answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
-                )
+            inputs = resolve_test_inputs(flow, line_given)
+        except CLIError as exc:
+            _err(str(exc))
+            return 1
+        sys.stdout.write("Bot: ")
+        sys.stdout.flush()
+        streamed = False
+        completed = None
+        async for ev in rp.run_line(inputs, line_number=number, stream=True):
+            if isinstance(ev, events.OutputChunk) and (chat_output is None or ev.output == chat_output):
+                sys.stdout.write(ev.delta)
+                sys.stdout.flush()
+                streamed = True
+            elif isinstance(ev, events.LogLine):
+                _on_log(args.verbose)(None, ev)
+            elif isinstance(ev, events.LineCompleted):
+                completed = ev
+        number += 1
+        if completed is None or completed.status != "Completed":
             sys.stdout.write("\n")
-            sys.stdout.flush()
-            history.append({"inputs": {chat_input: inputs[chat_input]}, "outputs": dict(completed.outputs)})
+            _err(
+                "error: " + (completed.error.message if completed and completed.error else "the flow failed")
+            )
+            continue
+        if not streamed:
+            answer = completed.outputs.get(chat_output) if chat_output else completed.outputs
+            sys.stdout.write(answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"inputs": {chat_input: inputs[chat_input]}, "outputs": dict(completed.outputs)})
     return 0
 
 
@@ -437,7 +486,12 @@ def cmd_run_create(args: argparse.Namespace) -> int:
             connections=_local_connections(),
             concurrency=args.concurrency,
             progress=sys.stderr,
-            runner_kw={"env_mode": "inherit", "limits": Limits(), "line_timeout": args.line_timeout},
+            runner_kw={
+                "env_mode": "inherit",
+                "limits": Limits(),
+                "line_timeout": args.line_timeout,
+                "use_zygote": _use_zygote(),
+            },
         )
     except (DataError, MappingError, RunError, FlowValidationError) as exc:
         raise CLIError(str(exc)) from None

@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -187,6 +188,10 @@ class _Line:
 
     def emit(self, event: Event) -> None:
         self.ctx.sink(event)
+
+
+# prompt flow's built-in LLM tool, used by `custom_llm` nodes with a prompt template.
+_BUILTIN_LLM_TOOL = "promptflow.tools.llm.llm"
 
 
 class FlowExecutor:
@@ -365,9 +370,12 @@ class FlowExecutor:
             return ErrorInfo(code="UserError", type=type(exc).__name__, message=message, node=where)
         if isinstance(exc, FlowValidationError):
             return ErrorInfo(code="UserError", type="FlowValidationError", message=str(exc), node=node)
-        code = "UserError"
-        info = ErrorInfo.from_exception(exc, node=node, code=code, user_files=self._user_roots)
-        return info
+        # A provider's 5xx after every retry is the service's fault, not the flow author's. The LLM module is
+        # looked up rather than imported: when it was never loaded, this cannot be one of its errors.
+        llm = sys.modules.get("flowengine.llm")
+        system = llm is not None and isinstance(exc, llm.LLMError) and not exc.user_error
+        code = "SystemError" if system else "UserError"
+        return ErrorInfo.from_exception(exc, node=node, code=code, user_files=self._user_roots)
 
     # -- one line -------------------------------------------------------------------------------------------
 
@@ -721,7 +729,7 @@ class FlowExecutor:
                 inputs=values,
                 inputs_to_escape=self._inputs_to_escape(node),
             )
-        if node.type == "llm":
+        if node.type == "llm" or (node.type == "custom_llm" and node.source.tool == _BUILTIN_LLM_TOOL):
             values = self._node_inputs(line, node, None)
             return await self._run_llm(line, node, values, stream)
         raise FlowRunError(f"node type '{node.type}' is not supported", node=node.name)
@@ -795,18 +803,19 @@ class FlowExecutor:
             raise FlowRunError(f"connection '{node.connection}' is not defined", node=node.name)
         rel = node.source.path or ""
         template = self._source_file(rel).read_text(encoding="utf-8-sig")
-        with ctxmod.span(f"{node.name}.{node.api or 'chat'}", "llm", values) as llm_span:
-            extra: dict[str, Any] = {}
-            if "inputs_to_escape" in inspect.signature(run_llm_node).parameters:
-                extra["inputs_to_escape"] = self._inputs_to_escape(node)
+        custom = node.type == "custom_llm"
+        api = (values.pop("api", None) if custom else None) or node.api or "chat"
+        with ctxmod.span(f"{node.name}.{api}", "llm", values) as llm_span:
             result = await run_llm_node(
                 connection=self.connections[node.connection],
-                api=node.api or "chat",  # type: ignore[arg-type]
+                api=api,
                 template=template,
                 template_path=rel,
                 inputs=values,
                 stream=stream,
-                **extra,
+                inputs_to_escape=self._inputs_to_escape(node),
+                source_tool=node.source.tool if custom else None,
+                node=node.name,
             )
             output = result.output
             if not _is_stream(output):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
 import faulthandler
 import json
@@ -498,12 +499,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limits", default="{}", help="JSON resource limits")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     parser.add_argument("--preload", action="append", default=[], help="module to import in the background")
+    parser.add_argument("--zygote", metavar="SOCKET", help="serve as a fork server on this unix socket")
+    parser.add_argument(
+        "--idle-timeout", type=float, default=600.0, help="fork server: exit after idle seconds"
+    )
     args = parser.parse_args(argv)
+    if args.zygote:
+        return zygote_main(args.zygote, args.preload, args.idle_timeout)
     limits = Limits.from_json(args.limits)
     apply_limits(limits)
     if args.preload:
         threading.Thread(target=_preload, args=(args.preload,), name="runner-preload", daemon=True).start()
+    return serve_stdio(limits, args.concurrency)
 
+
+def serve_stdio(limits: Limits, concurrency: int) -> int:
+    """Serve the protocol on fd 0 (requests) and fd 1 (replies) until exit."""
     # The protocol keeps a private copy of the original stdout; fd 1 and 2 then belong to user code.
     protocol_fd = os.dup(1)
     crash_fd = os.dup(2)
@@ -514,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     writer = ProtocolWriter(protocol_fd)
 
     async def amain() -> None:
-        runner = Runner(writer, concurrency=args.concurrency, memory_mb=limits.memory_mb)
+        runner = Runner(writer, concurrency=concurrency, memory_mb=limits.memory_mb)
         runner_ref.append(runner)
         out = LineStream(runner, "stdout", 1)
         err = LineStream(runner, "stderr", 2)
@@ -523,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr = err  # type: ignore[assignment]
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=STREAM_LIMIT)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", 0))
         # Import the engine while the parent prepares the init request.
         import flowengine.executor  # noqa: F401
 
@@ -534,6 +545,162 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _restore_streams()
     return 0
+
+
+def zygote_main(socket_path: str, preload: list[str], idle_timeout: float) -> int:
+    """A fork server for the local CLI: imports the engine once, then forks a ready runner per connection.
+
+    Each connection sends one JSON header line (env, workdir, limits, concurrency); the zygote forks, the
+    child serves the runner protocol on the connection itself, and when the child exits the zygote adds
+    `{"id": null, "exit": <returncode>}` so the client learns how it ended. Only the same user may connect
+    (the socket is 0600 in a 0700 folder, and the peer's uid is checked).
+    """
+    import selectors
+    import signal
+    import socket
+    import struct
+
+    import flowengine.executor  # noqa: F401
+
+    # Single-threaded here, so engine modules are safe to import too.
+    _preload(["flowengine.llm", *preload])
+    folder = os.path.dirname(socket_path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(socket_path)
+    finally:
+        os.umask(old_umask)
+    server.listen(64)
+    server.setblocking(False)
+    inode = os.stat(socket_path).st_ino
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    selector = selectors.DefaultSelector()
+    selector.register(server, selectors.EVENT_READ, "accept")
+    selector.register(wake_r, selectors.EVENT_READ, "signal")
+    children: dict[int, socket.socket] = {}
+    last_activity = time.monotonic()
+    try:
+        while True:
+            for key, _ in selector.select(timeout=5.0):
+                if key.data == "signal":
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake_r, 4096)
+                    _reap(children)
+                    last_activity = time.monotonic()
+                    continue
+                try:
+                    conn, _ = server.accept()
+                except BlockingIOError:
+                    continue
+                last_activity = time.monotonic()
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                _pid, uid, _gid = struct.unpack("3i", creds)
+                if uid != os.getuid():
+                    conn.close()
+                    continue
+                header = _read_header(conn)
+                if header is None:
+                    conn.close()
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    _zygote_child(conn, server, selector, header)
+                children[pid] = conn
+                conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+            _reap(children)
+            try:
+                moved = os.stat(socket_path).st_ino != inode
+            except FileNotFoundError:
+                moved = True
+            idle = not children and time.monotonic() - last_activity > idle_timeout
+            if moved or idle:
+                break
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(socket_path).st_ino == inode:
+                os.unlink(socket_path)
+    return 0
+
+
+def _exit_on_term(*_: Any) -> None:
+    raise SystemExit(0)
+
+
+def _read_header(conn: Any) -> dict[str, Any] | None:
+    conn.settimeout(5.0)
+    data = b""
+    try:
+        while not data.endswith(b"\n") and len(data) < 4 * 1024 * 1024:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        header = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    conn.settimeout(None)
+    return header if isinstance(header, dict) else None
+
+
+def _reap(children: dict[int, Any]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is None:
+            continue
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        with contextlib.suppress(OSError):
+            conn.sendall((json.dumps({"id": None, "exit": code}) + "\n").encode())
+        conn.close()
+
+
+def _zygote_child(conn: Any, server: Any, selector: Any, header: Mapping[str, Any]) -> None:
+    """In the forked child: become a runner serving the protocol on `conn`; never returns."""
+    import signal
+
+    code = 1
+    try:
+        selector.close()
+        server.close()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.setsid()
+        workdir = str(header.get("workdir") or "/")
+        stderr_path = os.path.join(workdir, "runner-stderr.log")
+        err_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(conn.fileno(), 0)
+        os.dup2(conn.fileno(), 1)
+        os.dup2(err_fd, 2)
+        os.close(err_fd)
+        conn.close()
+        os.environ.clear()
+        os.environ.update({str(k): str(v) for k, v in (header.get("env") or {}).items()})
+        # The fork server computed sys.path at its own start; honour the caller's PYTHONPATH of today.
+        for entry in reversed([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        os.chdir(workdir)
+        limits = Limits.from_json(json.dumps(header.get("limits") or {}))
+        apply_limits(limits)
+        code = serve_stdio(limits, int(header.get("concurrency") or DEFAULT_CONCURRENCY))
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
 
 
 def _preload(modules: list[str]) -> None:

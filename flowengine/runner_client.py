@@ -33,8 +33,9 @@ SCRUBBED_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 DEFAULT_LIMITS = Limits(memory_mb=4096, cpu_seconds=None, open_files=1024, file_size_mb=1024)
 KILL_GRACE_S = 2.0
 STDERR_TAIL = 16 * 1024
-# Imported by a fresh runner in the background while it waits for its flow: the LLM stack takes longest.
-DEFAULT_PRELOAD = ("flowengine.llm",)
+# Imported by a fresh runner in a background thread while it waits for its flow: the LLM SDK takes longest.
+# Only third-party modules: importing engine modules from two threads at once can meet a circular import.
+DEFAULT_PRELOAD = ("openai",)
 
 __all__ = ["DEFAULT_LIMITS", "Limits", "RunnerError", "RunnerProcess", "build_env", "run_line_sync"]
 
@@ -52,6 +53,98 @@ class _Death:
 
     def __init__(self, info: Any) -> None:
         self.info = info
+
+
+class _ForkedRunner:
+    """A runner forked by the fork server: the protocol runs over a unix socket, the exit status arrives on it."""
+
+    def __init__(self, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.pid = pid
+        self.stdout = reader
+        self.stdin = writer
+        self.stderr = None
+        self.returncode: int | None = None
+        self._exited = asyncio.Event()
+
+    def set_exit(self, code: int) -> None:
+        """Record how the runner ended (first report wins)."""
+        if self.returncode is None:
+            self.returncode = int(code)
+        self._exited.set()
+
+    async def wait(self) -> int:
+        """Wait until the runner has ended; its return code."""
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+
+def _code_fingerprint(python: str) -> str:
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256(f"{python}|{root}|{os.getuid()}".encode())
+    for path in sorted(root.rglob("*.py")):
+        with contextlib.suppress(OSError):
+            digest.update(f"{path}:{path.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
+
+
+def zygote_socket_path(python: str | None = None) -> Path:
+    """Where the local fork server of this interpreter and engine code listens (FLOWSTUDIO_RUNNER_SOCKET overrides)."""
+    override = os.environ.get("FLOWSTUDIO_RUNNER_SOCKET")
+    if override:
+        return Path(override)
+    # Short and per user: unix socket paths are limited to about 100 bytes.
+    folder = Path(tempfile.gettempdir()) / f"flowstudio-{os.getuid()}"
+    return folder / f"runner-{_code_fingerprint(python or sys.executable)}.sock"
+
+
+def start_zygote(path: Path, preload: Sequence[str] = DEFAULT_PRELOAD, *, python: str | None = None) -> None:
+    """Start the local fork server in the background; the current caller does not wait for it."""
+    import subprocess
+
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not _private_folder(folder):
+        return  # someone else's or a shared folder: never serve runners from it
+    cmd = [python or sys.executable, "-m", "flowengine.runner", "--zygote", str(path)]
+    for module in preload:
+        cmd += ["--preload", module]
+    env = dict(os.environ)
+    existing = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = _package_root() + (os.pathsep + existing if existing else "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd="/",
+        start_new_session=True,
+    )
+
+
+def _private_folder(folder: Path) -> bool:
+    """Whether `folder` exists, belongs to this user and is closed to everyone else."""
+    try:
+        info = folder.stat()
+    except OSError:
+        return True  # not there yet: start_zygote creates it 0700
+    return info.st_uid == os.getuid() and not info.st_mode & 0o077
+
+
+def _peer_is_me(writer: asyncio.StreamWriter) -> bool:
+    import socket
+    import struct
+
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return False
+    return struct.unpack("3i", creds)[1] == os.getuid()
 
 
 def _package_root() -> str:
@@ -116,6 +209,7 @@ class RunnerProcess:
         on_log: LogHandler | None = None,
         kill_grace: float = KILL_GRACE_S,
         preload: Sequence[str] = DEFAULT_PRELOAD,
+        use_zygote: bool = False,
     ) -> None:
         self.env_mode = env_mode
         self._own_workdir = workdir is None
@@ -130,7 +224,8 @@ class RunnerProcess:
         self.on_log = on_log
         self.kill_grace = kill_grace
         self.preload = tuple(preload)
-        self.proc: asyncio.subprocess.Process | None = None
+        self.use_zygote = use_zygote
+        self.proc: Any = None
         self._init_request: dict[str, Any] | None = None
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._abandoned: set[str] = set()
@@ -203,19 +298,55 @@ class RunnerProcess:
         self._kill_reason = None
         self._stderr_tail = b""
         self._tainted = False
-        self.proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=str(self.workdir),
-            start_new_session=True,
-            limit=STREAM_LIMIT,
-        )
+        forked = None
+        if self.use_zygote and self.env_mode == "inherit":
+            forked = await self._fork_from_zygote(env)
+        if forked is not None:
+            self.proc = forked
+        else:
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=str(self.workdir),
+                start_new_session=True,
+                limit=STREAM_LIMIT,
+            )
         self._dead = False
         self._reader = asyncio.get_running_loop().create_task(self._read_events(self.proc))
-        self._stderr_reader = asyncio.get_running_loop().create_task(self._read_stderr(self.proc))
+        if self.proc.stderr is not None:
+            self._stderr_reader = asyncio.get_running_loop().create_task(self._read_stderr(self.proc))
+
+    async def _fork_from_zygote(self, env: Mapping[str, str]) -> _ForkedRunner | None:
+        """A runner forked by the local fork server, or None (then starting one for next time)."""
+        path = zygote_socket_path()
+        if not _private_folder(path.parent):
+            return None
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=STREAM_LIMIT)
+        except OSError:
+            start_zygote(path, self.preload, python=self.python)
+            return None
+        if not _peer_is_me(writer):
+            # The environment (the user's secrets) goes only to a fork server of this same user.
+            writer.close()
+            return None
+        header = {
+            "env": dict(env),
+            "workdir": str(self.workdir),
+            "limits": json.loads(self.limits.to_json()),
+            "concurrency": self.concurrency,
+        }
+        try:
+            writer.write((json.dumps(header) + "\n").encode("utf-8"))
+            await writer.drain()
+            reply = json.loads(await asyncio.wait_for(reader.readline(), 5.0))
+            return _ForkedRunner(int(reply["pid"]), reader, writer)
+        except (OSError, ValueError, KeyError, TypeError, TimeoutError):
+            writer.close()
+            return None
 
     async def _spawn_and_init(self) -> None:
         assert self._init_request is not None
@@ -239,9 +370,7 @@ class RunnerProcess:
         if error is not None:
             from flowengine import events
 
-            info = events.ErrorInfo(
-                **{k: error.get(k) for k in ("code", "type", "message", "node", "traceback")}
-            )
+            info = events.ErrorInfo.from_dict(error)
             await self._kill("the flow could not be loaded")
             raise RunnerError(str(error.get("message")), info)
 
@@ -263,7 +392,10 @@ class RunnerProcess:
             with contextlib.suppress(Exception):
                 await self._send({"op": "exit"})
                 assert proc.stdin is not None
-                proc.stdin.close()
+                if isinstance(proc, _ForkedRunner):
+                    proc.stdin.write_eof()
+                else:
+                    proc.stdin.close()
             try:
                 await asyncio.wait_for(proc.wait(), self.kill_grace)
             except TimeoutError:
@@ -272,12 +404,14 @@ class RunnerProcess:
         self._killpg(proc)
         with contextlib.suppress(Exception):
             await proc.wait()
+        if isinstance(proc, _ForkedRunner):
+            proc.stdin.close()
         for task in (self._reader, self._stderr_reader):
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, 5)
 
-    def _killpg(self, proc: asyncio.subprocess.Process) -> None:
+    def _killpg(self, proc: Any) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
 
@@ -328,7 +462,7 @@ class RunnerProcess:
         proc.stdin.write((json.dumps(message, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
         await proc.stdin.drain()
 
-    async def _read_events(self, proc: asyncio.subprocess.Process) -> None:
+    async def _read_events(self, proc: Any) -> None:
         assert proc.stdout is not None
         try:
             while True:
@@ -342,8 +476,14 @@ class RunnerProcess:
                     msg = json.loads(raw)
                 except ValueError:
                     continue
+                if "exit" in msg and isinstance(proc, _ForkedRunner):
+                    proc.set_exit(msg["exit"])
+                    continue
                 self._route(msg)
         finally:
+            if isinstance(proc, _ForkedRunner):
+                # No exit status means the fork server itself went away.
+                proc.set_exit(255)
             with contextlib.suppress(Exception):
                 await proc.wait()
             if self.proc is proc:
@@ -384,7 +524,7 @@ class RunnerProcess:
                 return
             self._stderr_tail = (self._stderr_tail + chunk)[-STDERR_TAIL:]
 
-    def _on_death(self, proc: asyncio.subprocess.Process) -> None:
+    def _on_death(self, proc: Any) -> None:
         self._dead = True
         info = self._death_info(proc.returncode)
         for rid, queue in list(self._queues.items()):
@@ -397,6 +537,9 @@ class RunnerProcess:
     def _death_info(self, returncode: int | None) -> Any:
         from flowengine import events
 
+        if isinstance(self.proc, _ForkedRunner) and self.workdir is not None:
+            with contextlib.suppress(OSError):
+                self._stderr_tail = (self.workdir / "runner-stderr.log").read_bytes()[-STDERR_TAIL:]
         tail = self._stderr_tail.decode("utf-8", "replace").strip()
         mem = self.limits.memory_mb
         if self._kill_reason and (returncode is None or returncode == -signal.SIGKILL):

@@ -1,19 +1,27 @@
-"""Django admin for the flows app: connections are shown without their secrets."""
+"""Django admin for the flows app: connections are shown read-only and without their secrets."""
 
 from __future__ import annotations
 
 from django.contrib import admin
+from django.http import HttpRequest
 
 from flows_app.models import Connection
 
 
 @admin.register(Connection)
 class ConnectionAdmin(admin.ModelAdmin):
-    """Read-mostly view of connections; secrets stay encrypted and are never shown or edited here."""
+    """View-only list of connections; changes go through the studio's pages and services, which encrypt."""
 
     list_display = ("name", "type", "owner", "team", "updated_at")
     list_filter = ("type",)
     search_fields = ("name", "owner__username")
+    list_select_related = ("owner", "team")
     exclude = ("encrypted_secrets",)
-    readonly_fields = ("id", "secret_names", "created_at", "updated_at", "created_by", "updated_by")
-    raw_id_fields = ("owner", "team")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        """Connections are created in the studio, where secrets are encrypted."""
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Connection | None = None) -> bool:
+        """Connections are changed in the studio, where secrets are encrypted."""
+        return False

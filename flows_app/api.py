@@ -50,7 +50,8 @@ class ConnectionIn(Schema):
     name: str = Field(description=f"Flows refer to it by this name: {CONNECTION_NAME_RULE}.")
     type: ConnectionType
     configs: dict[str, ConfigValue] = Field(
-        default_factory=dict, description="base_url, api_base, api_version, organization, model, or any custom key."
+        default_factory=dict,
+        description="base_url, api_base, api_version, organization, model, or any custom key.",
     )
     secrets: dict[str, str] = Field(default_factory=dict, description="api_key and any custom secrets.")
     team: str | None = Field(default=None, description="Name of one of your teams to share it with.")
@@ -63,7 +64,8 @@ class ConnectionPatch(Schema):
     type: ConnectionType | None = None
     configs: dict[str, ConfigValue] | None = None
     secrets: dict[str, str | None] | None = Field(
-        default=None, description="'******' or '' keeps a stored value, null removes it, anything else sets it."
+        default=None,
+        description="'******' or '' keeps a stored value, null removes it, anything else sets it.",
     )
     team: str | None = Field(default=None, description="A team name to share with; null or '' stops sharing.")
 
@@ -162,7 +164,9 @@ def connections_get(request: HttpRequest, name: str) -> dict[str, Any]:
 
 
 @router.patch(
-    "/connections/{name}", response={200: ConnectionOut, 403: ErrorOut, 422: ErrorOut}, summary="Update a connection"
+    "/connections/{name}",
+    response={200: ConnectionOut, 403: ErrorOut, 422: ErrorOut},
+    summary="Update a connection",
 )
 def connections_update(request: HttpRequest, name: str, payload: ConnectionPatch) -> tuple[int, Any]:
     """Change a connection you own; secrets you leave out or send as '******' stay as they are."""

@@ -42,7 +42,9 @@ class ConnectionForm(forms.Form):
     )
     organization = forms.CharField(required=False)
     model = forms.CharField(
-        required=False, label="Default model", help_text="Model (Azure: deployment) used by the connection test."
+        required=False,
+        label="Default model",
+        help_text="Model (Azure: deployment) used by the connection test.",
     )
     api_key = forms.CharField(
         required=False,
@@ -52,10 +54,15 @@ class ConnectionForm(forms.Form):
     )
     api_key_clear = forms.BooleanField(required=False, label="Remove the stored API key")
     team = forms.ModelChoiceField(
-        queryset=None, required=False, empty_label="Not shared", help_text="Its members can use it, read-only."
+        queryset=None,
+        required=False,
+        empty_label="Not shared",
+        help_text="Its members can use it, read-only.",
     )
 
-    def __init__(self, *args: Any, user: AbstractBaseUser, connection: Connection | None = None, **kw: Any) -> None:
+    def __init__(
+        self, *args: Any, user: AbstractBaseUser, connection: Connection | None = None, **kw: Any
+    ) -> None:
         from accounts_app.models import Team
         from accounts_app.selectors import user_team_ids
 
@@ -160,7 +167,9 @@ class ConnectionForm(forms.Form):
     def add_service_errors(self, error: ValidationError) -> None:
         """Show a service's ValidationError next to the field it names."""
         aliases = {"api_base": "base_url"}
-        for key, messages in error.message_dict.items() if hasattr(error, "error_dict") else [(None, error.messages)]:
+        for key, messages in (
+            error.message_dict.items() if hasattr(error, "error_dict") else [(None, error.messages)]
+        ):
             field = aliases.get(key, key) if key else None
             for message in messages:
                 self.add_error(field if field in self.fields else None, message)

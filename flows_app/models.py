@@ -10,7 +10,9 @@ from django.db import models
 
 # The same rule as prompt flow connection YAML files read by flowengine.connections.
 CONNECTION_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"
-CONNECTION_NAME_RULE = "letters, digits, '_', '.' and '-', at most 128 characters, not starting with '.' or '-'"
+CONNECTION_NAME_RULE = (
+    "letters, digits, '_', '.' and '-', at most 128 characters, not starting with '.' or '-'"
+)
 connection_name_validator = RegexValidator(CONNECTION_NAME_PATTERN, message=f"Use {CONNECTION_NAME_RULE}.")
 
 

@@ -22,8 +22,9 @@ from flowengine.connections import Connection as EngineConnection
 from flows_app.models import CONNECTION_NAME_PATTERN, CONNECTION_NAME_RULE, Connection
 
 if TYPE_CHECKING:
-    from accounts_app.models import Team
     from django.contrib.auth.models import AbstractBaseUser
+
+    from accounts_app.models import Team
 
 SECRET_MASK: Final = "******"
 TEST_TIMEOUT_SECONDS: Final = 10.0
@@ -117,7 +118,9 @@ def _validate(*, name: str, type: str, configs: Mapping[str, Any], secrets: Mapp
             errors["secrets"] = f"Secret '{key}' is only asterisks: give its real value."
     if type == Connection.Type.AZURE_OPEN_AI:
         if not configs.get("api_base"):
-            errors["api_base"] = "An Azure OpenAI connection needs api_base (https://<resource>.openai.azure.com/)."
+            errors["api_base"] = (
+                "An Azure OpenAI connection needs api_base (https://<resource>.openai.azure.com/)."
+            )
         if not secrets.get("api_key"):
             errors["api_key"] = "An Azure OpenAI connection needs an api_key."
     elif type == Connection.Type.OPEN_AI:
@@ -125,7 +128,9 @@ def _validate(*, name: str, type: str, configs: Mapping[str, Any], secrets: Mapp
             errors["api_key"] = "An OpenAI connection needs an api_key."
     elif type == Connection.Type.OPENAI_COMPATIBLE:
         if not configs.get("base_url"):
-            errors["base_url"] = "An OpenAI-compatible connection needs base_url (for example http://localhost:11434/v1)."
+            errors["base_url"] = (
+                "An OpenAI-compatible connection needs base_url (for example http://localhost:11434/v1)."
+            )
     if errors:
         raise ValidationError(errors)
 
@@ -134,7 +139,9 @@ def _check_team(*, owner: AbstractBaseUser, team: Team | None) -> None:
     from accounts_app.selectors import user_team_ids
 
     if team is not None and team.pk not in set(user_team_ids(owner)):
-        raise ValidationError({"team": f"You are not a member of team '{team}', so you cannot share with it."})
+        raise ValidationError(
+            {"team": f"You are not a member of team '{team}', so you cannot share with it."}
+        )
 
 
 def _clean_configs(configs: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,7 +207,10 @@ def connection_update(
     new_name = connection.name if name is None else name.strip()
     new_type = connection.type if type is None else type
     new_configs = dict(connection.configs) if configs is None else _clean_configs(configs)
-    merged = _secrets_decrypt(connection)
+    try:
+        merged = _secrets_decrypt(connection)
+    except ConnectionSecretsUnreadable as error:
+        raise ValidationError({"secrets": f"{error} Delete the connection and create it again."}) from None
     for key, value in (secrets or {}).items():
         key = str(key).strip()
         if value is None:
@@ -227,7 +237,12 @@ def connection_update(
     connection.encrypted_secrets = _secrets_encrypt(merged)
     connection.secret_names = sorted(merged)
     connection.updated_by = by
-    connection.save()
+    try:
+        with transaction.atomic():
+            connection.save()
+    except IntegrityError:
+        # A concurrent create or rename took the name first.
+        raise ValidationError({"name": f"You already have a connection named '{new_name}'."}) from None
     return connection
 
 
@@ -304,7 +319,9 @@ def connection_test(*, connection: Connection, timeout: float = TEST_TIMEOUT_SEC
                 )
                 return ConnectionTestResult(ok=True, message=f"Model '{model}' answered at {target}.")
             count = len(client.models.list().data)
-            return ConnectionTestResult(ok=True, message=f"Connected to {target}: {count} model(s) available.")
+            return ConnectionTestResult(
+                ok=True, message=f"Connected to {target}: {count} model(s) available."
+            )
     except openai.APITimeoutError:
         message = f"No answer from {target} within {timeout:g} seconds."
     except openai.APIConnectionError as error:
@@ -315,7 +332,9 @@ def connection_test(*, connection: Connection, timeout: float = TEST_TIMEOUT_SEC
         message = f"{target} refused the API key (HTTP {error.status_code})."
     except openai.APIStatusError as error:
         body = error.body
-        detail = str(body.get("message") if isinstance(body, dict) and body.get("message") else error.message)[:300]
+        detail = str(
+            body.get("message") if isinstance(body, dict) and body.get("message") else error.message
+        )[:300]
         message = f"{target} answered HTTP {error.status_code}: {detail}"
     except openai.OpenAIError as error:
         message = f"The call to {target} failed: {str(error)[:300]}"
@@ -366,8 +385,10 @@ def connection_secrets_reencrypt(*, keys: list[str] | None = None) -> int:
     """
     fernet = _multifernet(keys)
     count = 0
-    for connection in Connection.objects.select_for_update().exclude(encrypted_secrets="").only(
-        "pk", "name", "encrypted_secrets"
+    for connection in (
+        Connection.objects.select_for_update()
+        .exclude(encrypted_secrets="")
+        .only("pk", "name", "encrypted_secrets")
     ):
         try:
             token = fernet.rotate(connection.encrypted_secrets.encode()).decode()

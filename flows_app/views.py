@@ -40,7 +40,9 @@ def connection_list(request: HttpRequest) -> HttpResponse:
 def connection_detail(request: HttpRequest, pk: UUID) -> HttpResponse:
     """One connection, secrets masked; the owner also gets edit and delete."""
     connection = connection_get_for(request.user, pk=pk)
-    return render(request, DETAIL, {"connection": connection, "can_edit": connection.owner_id == request.user.pk})
+    return render(
+        request, DETAIL, {"connection": connection, "can_edit": connection.owner_id == request.user.pk}
+    )
 
 
 def _save_form(request: HttpRequest, form: ConnectionForm) -> HttpResponse:
@@ -49,7 +51,9 @@ def _save_form(request: HttpRequest, form: ConnectionForm) -> HttpResponse:
             if form.connection is None:
                 connection = connection_create(owner=request.user, **form.service_kwargs())
             else:
-                connection = connection_update(connection=form.connection, by=request.user, **form.service_kwargs())
+                connection = connection_update(
+                    connection=form.connection, by=request.user, **form.service_kwargs()
+                )
         except ValidationError as error:
             form.add_service_errors(error)
         else:
@@ -57,7 +61,9 @@ def _save_form(request: HttpRequest, form: ConnectionForm) -> HttpResponse:
             url = reverse("connections:detail", kwargs={"pk": connection.pk})
             return HttpResponseClientRedirect(url) if request.htmx else redirect(url)
     template = f"{FORM}#form" if request.htmx else FORM
-    return render(request, template, {"form": form, "connection": form.connection})
+    # 422 on errors: base.html tells htmx to swap it in like a success.
+    status = 422 if request.method == "POST" else 200
+    return render(request, template, {"form": form, "connection": form.connection}, status=status)
 
 
 @login_required

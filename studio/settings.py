@@ -35,7 +35,10 @@ DEBUG = env_bool("STUDIO_DEBUG", False)
 PRODUCTION = env_bool("STUDIO_PRODUCTION", False)
 SECRET_KEY = env_str("STUDIO_SECRET_KEY") or _file_secret("secret_key", secrets.token_urlsafe(50))
 # Fernet keys for connection secrets: the first encrypts, all decrypt (rotation adds a new first key).
-STUDIO_ENCRYPTION_KEYS = env_list("STUDIO_ENCRYPTION_KEYS") or [_file_secret("encryption.key", _new_fernet_key())]
+# The key file holds one key per line, newest first, once `rotate_encryption_key` has run.
+STUDIO_ENCRYPTION_KEYS = (
+    env_list("STUDIO_ENCRYPTION_KEYS") or _file_secret("encryption.key", _new_fernet_key()).split()
+)
 
 ALLOWED_HOSTS = env_list("STUDIO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("STUDIO_CSRF_TRUSTED_ORIGINS", [])
@@ -142,7 +145,10 @@ WHITENOISE_USE_FINDERS = not PRODUCTION
 REDIS_URL = env_str("REDIS_URL")
 if REDIS_URL:
     CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
     }
 else:
     # A second SQLite file carries the channel layer between daphne and the workers, so the embedded

@@ -7,6 +7,12 @@ import pytest
 pytest_plugins = ["tests.fakellm"]
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hasher(settings):
+    """Tests create many users: a fast hasher keeps the suite quick (production keeps Django's default)."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def owner(django_user_model):
     """The user who owns the objects under test."""

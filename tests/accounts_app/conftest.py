@@ -19,7 +19,6 @@ from django.conf import settings
 from django.db import connection
 
 REPO = Path(settings.BASE_DIR)
-SCALE_OUT_VARIABLES = ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
 
 
 @pytest.fixture
@@ -43,7 +42,9 @@ def _database_url_for_children() -> str | None:
     user = quote(params.get("USER") or "", safe="")
     password = quote(params.get("PASSWORD") or "", safe="")
     auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
-    return f"postgres://{auth}{params.get('HOST') or '127.0.0.1'}:{params.get('PORT') or 5432}/{params['NAME']}"
+    return (
+        f"postgres://{auth}{params.get('HOST') or '127.0.0.1'}:{params.get('PORT') or 5432}/{params['NAME']}"
+    )
 
 
 @dataclass
@@ -86,16 +87,29 @@ def live_worker_studio(tmp_path: Path, django_db_setup: None, django_db_blocker)
             # The embedded channel layer is a SQLite database: give the private data dir its tables.
             subprocess.run(
                 [python, "manage.py", "migrate", "--database", "channels", "--verbosity", "0"],
-                cwd=REPO, env=env, check=True, stdout=out, stderr=subprocess.STDOUT, timeout=120,
+                cwd=REPO,
+                env=env,
+                check=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=120,
             )
         port = free_port()
         worker = subprocess.Popen(
             [python, "-m", "celery", "-A", "studio", "worker", "--concurrency", "1", "--loglevel", "INFO"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         web = subprocess.Popen(
             [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "studio.asgi:application"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -110,6 +124,6 @@ def live_worker_studio(tmp_path: Path, django_db_setup: None, django_db_blocker)
                 time.sleep(0.2)
         yield LiveStudio(url=url, data_dir=data_dir, log=log)
     finally:
-        # SIGQUIT is Celery's cold shutdown: nothing of this worker needs to finish.
-        _stop(worker, signal.SIGQUIT)
+        # Nothing of this worker needs to finish, and a warm shutdown takes seconds.
+        _stop(worker, signal.SIGKILL)
         _stop(web, signal.SIGTERM)

@@ -59,7 +59,8 @@ def test_invite_gives_a_one_time_set_password_link(client, staff):
     form_page = client.get(link, follow=True)
     assert form_page.status_code == 200 and "Set your password" in form_page.content.decode()
     done = client.post(
-        form_page.redirect_chain[-1][0], {"new_password1": "Fresh-pass-9876", "new_password2": "Fresh-pass-9876"}
+        form_page.redirect_chain[-1][0],
+        {"new_password1": "Fresh-pass-9876", "new_password2": "Fresh-pass-9876"},
     )
     assert done.status_code == 302
     newcomer.refresh_from_db()
@@ -84,7 +85,9 @@ def test_staff_creates_a_team_and_manages_members(client, staff, owner, outsider
     created = client.post(reverse("accounts:team_create"), {"name": "research"}, headers=HTMX)
     team = Team.objects.get(name="research")
     added = client.post(
-        reverse("accounts:team_member_add", args=[team.pk]), {"user": owner.pk, "role": "member"}, headers=HTMX
+        reverse("accounts:team_member_add", args=[team.pk]),
+        {"user": owner.pk, "role": "member"},
+        headers=HTMX,
     )
     removed = client.post(reverse("accounts:team_member_remove", args=[team.pk, owner.pk]), headers=HTMX)
 

@@ -16,7 +16,9 @@ def test_login_page_renders_with_csrf(client):
 
 
 def test_login_with_the_right_password_lands_on_home(client, owner):
-    response = client.post(reverse("login"), {"username": "owner", "password": "owner-pass-123!"}, follow=True)
+    response = client.post(
+        reverse("login"), {"username": "owner", "password": "owner-pass-123!"}, follow=True
+    )
 
     assert response.redirect_chain[-1][0] == reverse("home")
     assert "Welcome, owner" in response.content.decode()
@@ -55,7 +57,11 @@ def test_password_change_takes_effect(client, owner):
 
     response = client.post(
         reverse("password_change"),
-        {"old_password": "owner-pass-123!", "new_password1": "a-New-pass-4567", "new_password2": "a-New-pass-4567"},
+        {
+            "old_password": "owner-pass-123!",
+            "new_password1": "a-New-pass-4567",
+            "new_password2": "a-New-pass-4567",
+        },
     )
 
     assert response.status_code == 302 and response["Location"] == reverse("password_change_done")

@@ -25,7 +25,9 @@ def test_create_token_prints_a_token_the_api_accepts(client, owner):
 
     token = out.getvalue().strip()
     assert ApiToken.objects.get(user=owner, name="ci").token_hash == hash_token(token)
-    assert client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).json()["username"] == "owner"
+    assert (
+        client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"}).json()["username"] == "owner"
+    )
 
 
 @pytest.mark.django_db
@@ -44,7 +46,11 @@ def test_production_settings_pass_check_deploy(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=120,
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
@@ -55,7 +61,11 @@ def test_a_bad_encryption_key_fails_the_checks(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "manage.py", "check"],
-        cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=120,
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
     assert result.returncode != 0

@@ -15,7 +15,12 @@ from accounts_app.services import hash_token, setup_token_create
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
-FORM = {"username": "admin", "email": "admin@example.com", "password1": "Sturdy-pass-2024", "password2": "Sturdy-pass-2024"}
+FORM = {
+    "username": "admin",
+    "email": "admin@example.com",
+    "password1": "Sturdy-pass-2024",
+    "password2": "Sturdy-pass-2024",
+}
 
 
 def test_setup_link_creates_the_first_superuser_and_signs_in(client):

@@ -150,7 +150,9 @@ def test_settings_page_lists_tokens_by_prefix_only(client, owner):
 def test_creating_a_token_in_the_page_shows_it_once(client, owner):
     client.force_login(owner)
 
-    response = client.post(reverse("accounts:token_create"), {"name": "laptop"}, headers={"HX-Request": "true"})
+    response = client.post(
+        reverse("accounts:token_create"), {"name": "laptop"}, headers={"HX-Request": "true"}
+    )
 
     stored = ApiToken.objects.get(user=owner)
     body = response.content.decode()
@@ -233,6 +235,7 @@ def test_openapi_schema_is_served_and_lists_the_accounts_routes(client):
     assert response.status_code == 200
     paths = response.json()["paths"]
     assert {"/api/v1/me", "/api/v1/tokens", "/api/v1/tokens/{token_id}"} <= set(paths)
-    assert "BearerAuth" in str(response.json()["components"]["securitySchemes"]) or response.json()[
-        "components"
-    ]["securitySchemes"]
+    assert response.json()["components"]["securitySchemes"]["TokenAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+    }

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,14 +18,19 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def cli(tmp_path):
     """Run `flowstudio ...` in a fresh process with its own FLOWSTUDIO_HOME."""
-    env = dict(os.environ, FLOWSTUDIO_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    # Most tests start a fresh runner each time; the fork server has a test of its own.
+    env = dict(
+        os.environ, FLOWSTUDIO_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT), FLOWSTUDIO_NO_ZYGOTE="1"
+    )
     env.pop("FLOWSTUDIO_CONNECTION_KEY", None)
 
-    def run(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, stdin: str | None = None, check: bool = True, extra_env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "flowengine.cli", *args],
             cwd=tmp_path,
-            env=env,
+            env=dict(env, **(extra_env or {})),
             input=stdin,
             capture_output=True,
             text=True,
@@ -231,3 +238,96 @@ def test_run_create_reports_failed_lines_without_failing_the_run(cli, tmp_path):
     details = json.loads(cli("run", "show-details", "-n", "nums", "--json").stdout)
     assert [d["outputs"] for d in details] == [{"y": 1}, {}, {"y": 4}]
     assert "odd input" in details[1]["error"]["message"]
+
+
+def test_flow_test_forks_warm_runners_from_a_local_fork_server(cli, tmp_path):
+    flow = tmp_path / "whoami"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(
+        "inputs: {}\noutputs:\n  parent: {type: string, reference: '${who.output}'}\n"
+        "nodes:\n- name: who\n  type: python\n  source: {type: code, path: who.py}\n  inputs: {}\n"
+    )
+    (flow / "who.py").write_text(
+        "import os\n\ndef who() -> str:\n"
+        "    with open(f'/proc/{os.getppid()}/cmdline', 'rb') as fh:\n"
+        "        return str(os.getppid()) + ' ' + fh.read().replace(b'\\0', b' ').decode()\n"
+    )
+    sock = tmp_path / "z.sock"
+    zygote_env = {"FLOWSTUDIO_NO_ZYGOTE": "0", "FLOWSTUDIO_RUNNER_SOCKET": str(sock)}
+    first = json.loads(cli("flow", "test", "--flow", "whoami", extra_env=zygote_env).stdout)
+    assert "--zygote" not in first["parent"]
+    deadline = time.monotonic() + 20
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sock.exists()
+    try:
+        second = json.loads(cli("flow", "test", "--flow", "whoami", extra_env=zygote_env).stdout)
+        assert f"--zygote {sock}" in second["parent"]
+        third = json.loads(cli("flow", "test", "--flow", "whoami", extra_env=zygote_env).stdout)
+        assert third["parent"] == second["parent"]
+    finally:
+        zygote_pid = int(second["parent"].split()[0]) if "second" in locals() else None
+        if zygote_pid:
+            os.kill(zygote_pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sock.exists()
+
+
+VARIANT_FLOW = """
+inputs:
+  text: {type: string}
+outputs:
+  out: {type: string, reference: "${style.output}"}
+nodes:
+- name: style
+  use_variants: true
+- name: tail
+  type: python
+  source: {type: code, path: tail.py}
+  inputs: {text: "${style.output}"}
+node_variants:
+  style:
+    default_variant_id: variant_0
+    variants:
+      variant_0:
+        node:
+          type: python
+          source: {type: code, path: lower.py}
+          inputs: {text: "${inputs.text}"}
+      variant_1:
+        node:
+          type: python
+          source: {type: code, path: upper.py}
+          inputs: {text: "${inputs.text}"}
+"""
+
+
+def test_variants_and_single_node_tests(cli, tmp_path):
+    flow = tmp_path / "styled"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(VARIANT_FLOW)
+    (flow / "lower.py").write_text("def lower(text: str) -> str:\n    return text.lower()\n")
+    (flow / "upper.py").write_text("def upper(text: str) -> str:\n    return text.upper()\n")
+    (flow / "tail.py").write_text("def tail(text: str) -> str:\n    return text[-2:]\n")
+    assert json.loads(cli("flow", "test", "--flow", "styled", "--inputs", "text=MiXed").stdout) == {
+        "out": "mixed"
+    }
+    upper = cli(
+        "flow", "test", "--flow", "styled", "--inputs", "text=MiXed", "--variant", "${style.variant_1}"
+    )
+    assert json.loads(upper.stdout) == {"out": "MIXED"}
+    node = cli("flow", "test", "--flow", "styled", "--node", "tail", "--inputs", "text=abcdef")
+    assert json.loads(node.stdout) == {"output": "ef"}
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "Ab"}\n')
+    summary = json.loads(
+        cli(
+            "run", "create", "--flow", "styled", "--data", str(data), "--variant", "${style.variant_1}"
+        ).stdout
+    )
+    assert summary["name"].startswith("styled_variant_1_")
+    assert json.loads(cli("run", "show-details", "-n", summary["name"], "--json").stdout)[0]["outputs"] == {
+        "out": "AB"
+    }

@@ -230,3 +230,25 @@ def _alive(pid: int) -> bool:
 def test_sync_helper_runs_one_line(tmp_path):
     collected = run_line_sync(make_flow(tmp_path), {"action": "hi"})
     assert collected[-1].outputs == {"result": "hi"}
+
+
+async def test_streamed_chunks_reach_the_parent_within_milliseconds(tmp_path):
+    flow = tmp_path / "stream"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(
+        "inputs: {}\noutputs:\n  text: {type: string, reference: '${gen.output}'}\n"
+        "nodes:\n- name: gen\n  type: python\n  source: {type: code, path: gen.py}\n  inputs: {}\n"
+    )
+    (flow / "gen.py").write_text(
+        "import time\n\ndef gen():\n    for _ in range(30):\n        time.sleep(0.01)\n"
+        "        yield f'{time.time():.6f} '\n"
+    )
+    async with RunnerProcess() as rp:
+        await rp.start(flow)
+        delays = []
+        async for ev in rp.run_line({}, line_number=0, stream=True):
+            if isinstance(ev, events.OutputChunk):
+                delays.append((time.time() - float(ev.delta)) * 1000.0)
+    assert len(delays) == 30
+    delays.sort()
+    assert delays[len(delays) // 2] < 5.0, delays

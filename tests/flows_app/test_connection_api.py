@@ -12,6 +12,13 @@ from flows_app.services import connection_create, connection_secrets_for_runner,
 
 pytestmark = pytest.mark.django_db
 
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """The personas are created with passwords; a fast hasher keeps these tests quick."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 API = "/api/v1/connections"
 KEY = "sk-api-test-key-424242"
 
@@ -64,7 +71,9 @@ def test_create_returns_201_with_masked_secrets(owner):
 
 
 def test_create_with_a_bad_field_is_422_naming_it(owner):
-    response = _json(_api(owner), "post", API, {"name": "x", "type": "azure_open_ai", "secrets": {"api_key": KEY}})
+    response = _json(
+        _api(owner), "post", API, {"name": "x", "type": "azure_open_ai", "secrets": {"api_key": KEY}}
+    )
     assert response.status_code == 422
     assert "api_base" in response.json()["errors"]
     assert KEY not in response.content.decode()
@@ -112,7 +121,9 @@ def test_patch_with_masked_secret_keeps_it_and_replaces_configs(conn, owner):
 
 
 def test_patch_null_secret_removes_it_and_rename_works(conn, owner):
-    response = _json(_api(owner), "patch", f"{API}/api_conn", {"name": "renamed", "secrets": {"api_key": None}})
+    response = _json(
+        _api(owner), "patch", f"{API}/api_conn", {"name": "renamed", "secrets": {"api_key": None}}
+    )
     assert response.status_code == 422  # an OpenAI connection needs its api_key
     response = _json(_api(owner), "patch", f"{API}/api_conn", {"name": "renamed"})
     assert response.json()["name"] == "renamed"
@@ -195,7 +206,10 @@ def test_a_session_cookie_alone_does_not_authenticate_the_api(conn, owner):
 def test_test_route_reports_ok_against_the_fake_llm(conn, owner, fake_llm):
     connection_update_to_fake(conn, owner, fake_llm)
     response = _api(owner).post(f"{API}/api_conn/test")
-    assert response.json() == {"ok": True, "message": f"Connected to {fake_llm.base_url}: 2 model(s) available."}
+    assert response.json() == {
+        "ok": True,
+        "message": f"Connected to {fake_llm.base_url}: 2 model(s) available.",
+    }
 
 
 def test_test_route_reports_a_closed_port(owner):
@@ -205,7 +219,10 @@ def test_test_route_reports_a_closed_port(owner):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     connection_create(
-        owner=owner, name="down", type="openai_compatible", configs={"base_url": f"http://127.0.0.1:{port}/v1"}
+        owner=owner,
+        name="down",
+        type="openai_compatible",
+        configs={"base_url": f"http://127.0.0.1:{port}/v1"},
     )
     data = _api(owner).post(f"{API}/down/test").json()
     assert data["ok"] is False

@@ -15,6 +15,12 @@ from flows_app.services import connection_create, connection_secrets_for_runner
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """The personas are created with passwords; a fast hasher keeps these tests quick."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def old_key(settings, tmp_path) -> str:
     """Keys kept in the data-dir file, as the studio does when STUDIO_ENCRYPTION_KEYS is not set."""
@@ -30,7 +36,9 @@ def conns(owner, old_key) -> list[Connection]:
     """Two connections encrypted under the old key."""
     return [
         connection_create(owner=owner, name="one", type="open_ai", secrets={"api_key": "sk-one-111"}),
-        connection_create(owner=owner, name="two", type="custom", secrets={"token": "tok-222", "pw": "pw-333"}),
+        connection_create(
+            owner=owner, name="two", type="custom", secrets={"token": "tok-222", "pw": "pw-333"}
+        ),
     ]
 
 
@@ -79,10 +87,14 @@ def test_rotating_twice_keeps_every_key_needed_and_rows_readable(conns, settings
     assert len(keys) == 3
     assert _readable_with(keys[0])
     settings.STUDIO_ENCRYPTION_KEYS = keys
-    assert connection_secrets_for_runner(Connection.objects.get(name="one")).secrets["api_key"] == "sk-one-111"
+    assert (
+        connection_secrets_for_runner(Connection.objects.get(name="one")).secrets["api_key"] == "sk-one-111"
+    )
 
 
-def test_env_keys_print_a_new_key_then_reencrypt_after_the_operator_adds_it(conns, old_key, settings, tmp_path):
+def test_env_keys_print_a_new_key_then_reencrypt_after_the_operator_adds_it(
+    conns, old_key, settings, tmp_path
+):
     (tmp_path / "encryption.key").unlink()
     before = list(Connection.objects.values_list("encrypted_secrets", flat=True))
     output = _run()
@@ -96,7 +108,9 @@ def test_env_keys_print_a_new_key_then_reencrypt_after_the_operator_adds_it(conn
     assert "Re-encrypted 2 connection(s)" in _run("--reencrypt")
     assert _readable_with(new_key)
     settings.STUDIO_ENCRYPTION_KEYS = [new_key]
-    assert connection_secrets_for_runner(Connection.objects.get(name="one")).secrets["api_key"] == "sk-one-111"
+    assert (
+        connection_secrets_for_runner(Connection.objects.get(name="one")).secrets["api_key"] == "sk-one-111"
+    )
 
 
 def test_reencrypt_is_idempotent(conns, old_key, settings):

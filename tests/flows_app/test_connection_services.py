@@ -24,6 +24,12 @@ from flows_app.services import (
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """The personas are created with passwords; a fast hasher keeps these tests quick."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 def _team(name: str = "core"):
     from accounts_app.models import Team
 
@@ -130,7 +136,10 @@ def test_azure_gets_api_type_and_default_api_version(owner):
 
 def test_openai_compatible_needs_no_key(owner):
     conn = connection_create(
-        owner=owner, name="ollama", type="openai_compatible", configs={"base_url": "http://localhost:11434/v1"}
+        owner=owner,
+        name="ollama",
+        type="openai_compatible",
+        configs={"base_url": "http://localhost:11434/v1"},
     )
     assert conn.secret_names == []
     assert dict(connection_secrets_for_runner(conn).secrets) == {}
@@ -196,3 +205,10 @@ def test_unreadable_secrets_give_a_clear_test_error(openai_conn, settings):
     assert "my_openai" in result.message
     assert "STUDIO_ENCRYPTION_KEYS" in result.message
 
+
+def test_updating_a_connection_whose_secrets_cannot_be_read_is_a_clear_error(openai_conn, owner, settings):
+    settings.STUDIO_ENCRYPTION_KEYS = [Fernet.generate_key().decode()]
+    with pytest.raises(ValidationError) as error:
+        connection_update(connection=openai_conn, by=owner, configs={"model": "x"})
+    assert "my_openai" in str(error.value)
+    assert "create it again" in str(error.value)

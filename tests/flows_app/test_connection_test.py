@@ -11,6 +11,12 @@ from flows_app.services import connection_create, connection_test
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """The personas are created with passwords; a fast hasher keeps these tests quick."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -18,7 +24,9 @@ def _closed_port() -> int:
 
 
 def test_listing_models_succeeds_against_an_openai_compatible_server(owner, fake_llm):
-    conn = connection_create(owner=owner, name="local", type="openai_compatible", configs={"base_url": fake_llm.base_url})
+    conn = connection_create(
+        owner=owner, name="local", type="openai_compatible", configs={"base_url": fake_llm.base_url}
+    )
     result = connection_test(connection=conn)
     assert result.ok, result.message
     assert result.message == f"Connected to {fake_llm.base_url}: 2 model(s) available."
@@ -70,7 +78,11 @@ def test_wrong_key_is_reported_without_any_part_of_the_key(owner, fake_llm):
     fake_llm.config(api_key="sk-the-right-key-0001")
     wrong = "sk-wrong-key-abcdefgh-9876"
     conn = connection_create(
-        owner=owner, name="oa", type="open_ai", configs={"base_url": fake_llm.base_url}, secrets={"api_key": wrong}
+        owner=owner,
+        name="oa",
+        type="open_ai",
+        configs={"base_url": fake_llm.base_url},
+        secrets={"api_key": wrong},
     )
     result = connection_test(connection=conn)
     assert not result.ok
@@ -108,7 +120,9 @@ def test_server_environment_credentials_are_never_sent(owner, fake_llm, monkeypa
     monkeypatch.setenv("OPENAI_API_KEY", "sk-server-env-key")
     monkeypatch.setenv("OPENAI_ORG_ID", "org-server-env")
     monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-server-env")
-    conn = connection_create(owner=owner, name="local", type="openai_compatible", configs={"base_url": fake_llm.base_url})
+    conn = connection_create(
+        owner=owner, name="local", type="openai_compatible", configs={"base_url": fake_llm.base_url}
+    )
     assert connection_test(connection=conn).ok
     headers = fake_llm.requests()[-1]["headers"]
     assert "server-env" not in " ".join(headers.values())

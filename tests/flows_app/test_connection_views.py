@@ -13,6 +13,13 @@ from flows_app.services import connection_create, connection_secrets_for_runner,
 
 pytestmark = pytest.mark.django_db
 
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """The personas are created with passwords; a fast hasher keeps these tests quick."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 KEY = "sk-view-test-key-000111"
 HTMX = {"HTTP_HX_REQUEST": "true"}
 
@@ -81,7 +88,11 @@ PK_URLS = [
 
 def test_anonymous_is_redirected_to_login_from_every_page(conn):
     urls = [(reverse(name, kwargs={"pk": conn.pk}), method) for name, method in PK_URLS]
-    urls += [(reverse("connections:list"), "get"), (reverse("connections:new"), "get"), (reverse("connections:new"), "post")]
+    urls += [
+        (reverse("connections:list"), "get"),
+        (reverse("connections:new"), "get"),
+        (reverse("connections:new"), "post"),
+    ]
     for url, method in urls:
         for headers in ({}, HTMX):
             response = getattr(_client(), method)(url, **headers)
@@ -146,13 +157,18 @@ def test_new_form_has_the_fields_the_browser_test_fills(owner):
 
 
 def test_creating_stores_secrets_encrypted_and_redirects_to_the_connection(owner):
-    data = _form(config_key=["region", ""], config_value=["eu", ""], secret_key=["tok", ""], secret_value=["t-1", ""])
+    data = _form(
+        config_key=["region", ""], config_value=["eu", ""], secret_key=["tok", ""], secret_value=["t-1", ""]
+    )
     response = _client(owner).post(reverse("connections:new"), data)
     conn = Connection.objects.get(owner=owner, name="new_conn")
     assert response.status_code == 302
     assert response["Location"] == reverse("connections:detail", kwargs={"pk": conn.pk})
     assert conn.configs == {"region": "eu"}
-    assert dict(connection_secrets_for_runner(conn).secrets) == {"api_key": "sk-form-key-333444", "tok": "t-1"}
+    assert dict(connection_secrets_for_runner(conn).secrets) == {
+        "api_key": "sk-form-key-333444",
+        "tok": "t-1",
+    }
 
 
 def test_creating_openai_compatible_stores_base_url_and_model(owner):
@@ -173,9 +189,11 @@ def test_creating_azure_stores_the_url_as_api_base(owner):
 
 
 def test_invalid_form_names_the_field_and_never_echoes_the_key(owner):
-    response = _client(owner).post(reverse("connections:new"), _form(name="bad name", api_key="sk-echo-check-555"))
+    response = _client(owner).post(
+        reverse("connections:new"), _form(name="bad name", api_key="sk-echo-check-555")
+    )
     body = response.content.decode()
-    assert response.status_code == 200
+    assert response.status_code == 422
     assert "Connection name &#x27;bad name&#x27; is invalid" in body
     assert "sk-echo-check-555" not in body
     assert not Connection.objects.exists()
@@ -201,7 +219,7 @@ def test_htmx_create_redirects_with_the_htmx_header(owner):
 def test_htmx_invalid_create_returns_only_the_form(owner):
     response = _client(owner).post(reverse("connections:new"), _form(name=""), **HTMX)
     body = response.content.decode()
-    assert response.status_code == 200
+    assert response.status_code == 422
     assert "<html" not in body
     assert 'id="connection-form"' in body
 
@@ -220,7 +238,7 @@ def test_team_choices_are_only_the_users_teams(owner, teammate, outsider):
     assert "core" in body
     assert "foreign_team" not in body
     response = _client(owner).post(reverse("connections:new"), _form(team=str(foreign.pk)))
-    assert response.status_code == 200
+    assert response.status_code == 422
     assert not Connection.objects.exists()
 
 
@@ -266,23 +284,31 @@ def test_edit_form_never_contains_a_secret_value(conn, owner):
 
 
 def _edit_data(**overrides: object) -> dict[str, object]:
-    return _form(
-        name="view_conn",
-        organization="org-1",
-        api_key="",
-        config_key=["region", ""],
-        config_value=["eu", ""],
-        secret_key=["extra", ""],
-        secret_value=["", ""],
-    ) | overrides
+    return (
+        _form(
+            name="view_conn",
+            organization="org-1",
+            api_key="",
+            config_key=["region", ""],
+            config_value=["eu", ""],
+            secret_key=["extra", ""],
+            secret_value=["", ""],
+        )
+        | overrides
+    )
 
 
 def test_edit_with_blank_secrets_keeps_the_stored_values(conn, owner):
-    response = _client(owner).post(reverse("connections:edit", kwargs={"pk": conn.pk}), _edit_data(model="gpt-4o"))
+    response = _client(owner).post(
+        reverse("connections:edit", kwargs={"pk": conn.pk}), _edit_data(model="gpt-4o")
+    )
     assert response.status_code == 302
     conn.refresh_from_db()
     assert conn.configs == {"organization": "org-1", "region": "eu", "model": "gpt-4o"}
-    assert dict(connection_secrets_for_runner(conn).secrets) == {"api_key": KEY, "extra": "extra-view-secret-222"}
+    assert dict(connection_secrets_for_runner(conn).secrets) == {
+        "api_key": KEY,
+        "extra": "extra-view-secret-222",
+    }
 
 
 def test_edit_sets_a_new_key_and_removing_a_row_deletes_that_secret(conn, owner):
@@ -300,14 +326,22 @@ def test_edit_can_clear_the_api_key_of_an_openai_compatible_connection(owner):
         configs={"base_url": "http://localhost:11434/v1"},
         secrets={"api_key": "ollama-key"},
     )
-    data = _form(name="local", type="openai_compatible", base_url="http://localhost:11434/v1", api_key="", api_key_clear="on")
+    data = _form(
+        name="local",
+        type="openai_compatible",
+        base_url="http://localhost:11434/v1",
+        api_key="",
+        api_key_clear="on",
+    )
     _client(owner).post(reverse("connections:edit", kwargs={"pk": conn.pk}), data)
     conn.refresh_from_db()
     assert conn.secret_names == []
 
 
 def test_edit_renames_and_unshares(shared, owner, teammate):
-    _client(owner).post(reverse("connections:edit", kwargs={"pk": shared.pk}), _edit_data(name="renamed", team=""))
+    _client(owner).post(
+        reverse("connections:edit", kwargs={"pk": shared.pk}), _edit_data(name="renamed", team="")
+    )
     shared.refresh_from_db()
     assert shared.name == "renamed"
     assert shared.team is None
@@ -326,6 +360,7 @@ def test_htmx_edit_with_an_error_returns_the_form_fragment(conn, owner):
         reverse("connections:edit", kwargs={"pk": conn.pk}), _edit_data(base_url="not a url"), **HTMX
     )
     body = response.content.decode()
+    assert response.status_code == 422
     assert "<html" not in body
     assert "is not an http(s) URL" in body
 
@@ -400,7 +435,10 @@ def test_test_reports_a_closed_port(owner):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     conn = connection_create(
-        owner=owner, name="down", type="openai_compatible", configs={"base_url": f"http://127.0.0.1:{port}/v1"}
+        owner=owner,
+        name="down",
+        type="openai_compatible",
+        configs={"base_url": f"http://127.0.0.1:{port}/v1"},
     )
     body = _client(owner).post(reverse("connections:test", kwargs={"pk": conn.pk}), **HTMX).content.decode()
     assert f"Could not connect to http://127.0.0.1:{port}/v1" in body

@@ -39,7 +39,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         """Host, port, worker concurrency and the stop timeout."""
         parser.add_argument("--host", default=settings.STUDIO_HOST, help="address to bind (STUDIO_HOST)")
-        parser.add_argument("--port", type=int, default=settings.STUDIO_PORT, help="port to bind (STUDIO_PORT)")
+        parser.add_argument(
+            "--port", type=int, default=settings.STUDIO_PORT, help="port to bind (STUDIO_PORT)"
+        )
         parser.add_argument(
             "--concurrency",
             type=int,
@@ -113,10 +115,24 @@ class Command(BaseCommand):
     def _start(self, host: str, port: int, concurrency: int) -> list[Child]:
         python = sys.executable
         commands = [
-            ("web server (daphne)", [python, "-m", "daphne", "-b", host, "-p", str(port), "studio.asgi:application"]),
+            (
+                "web server (daphne)",
+                [python, "-m", "daphne", "-b", host, "-p", str(port), "studio.asgi:application"],
+            ),
             (
                 "Celery worker",
-                [python, "-m", "celery", "-A", "studio", "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"],
+                [
+                    python,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "studio",
+                    "worker",
+                    "--concurrency",
+                    str(concurrency),
+                    "--loglevel",
+                    "INFO",
+                ],
             ),
         ]
         children = []
