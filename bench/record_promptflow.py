@@ -168,13 +168,17 @@ class Recorder:
             elif spec["type"] == "custom":
                 conn = CustomConnection(name=name, secrets=secrets, configs=configs)
             else:
-                raise ValueError(f"{CONNECTIONS_FILE.name}: connection {name!r}: unknown type {spec['type']!r}")
+                raise ValueError(
+                    f"{CONNECTIONS_FILE.name}: connection {name!r}: unknown type {spec['type']!r}"
+                )
             self.pf.connections.create_or_update(conn)
 
     def fake(self, path: str, body: dict | None = None) -> Any:
         """Call one of the fake LLM's control endpoints."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.fake_url + path, data=data, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.fake_url + path, data=data, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
@@ -369,7 +373,9 @@ class Recorder:
             }
         except Exception as exc:
             record["validate"] = {"exception": self.exception_summary(exc, flow_dir)}
-        record["tests"] = {t["name"]: self.record_test(flow_dir, t, case.get("env") or {}) for t in case["tests"]}
+        record["tests"] = {
+            t["name"]: self.record_test(flow_dir, t, case.get("env") or {}) for t in case["tests"]
+        }
         return record
 
     # -- one flow -------------------------------------------------------------------------------------
@@ -410,9 +416,13 @@ def inside(fake_url: str, flow_names: list[str]) -> int:
     """Record every requested corpus flow (all by default) with prompt flow."""
     # Prompt flow writes .promptflow/ folders next to the flows it runs: let it write into a copy.
     work = Path(tempfile.mkdtemp(prefix="pfcorpus-")) / "flows"
-    shutil.copytree(CORPUS, work, ignore=shutil.ignore_patterns("expected.json", ".promptflow", "__pycache__"))
+    shutil.copytree(
+        CORPUS, work, ignore=shutil.ignore_patterns("expected.json", ".promptflow", "__pycache__")
+    )
     recorder = Recorder(fake_url, work)
-    names = flow_names or sorted(p.name for p in CORPUS.iterdir() if p.is_dir() and (p / "cases.json").exists())
+    names = flow_names or sorted(
+        p.name for p in CORPUS.iterdir() if p.is_dir() and (p / "cases.json").exists()
+    )
     failures = 0
     try:
         for name in names:

@@ -612,7 +612,13 @@ def cmd_run_show_metrics(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every command."""
     parser = argparse.ArgumentParser(
-        prog="flowstudio", description="Author, test and run prompt-flow style flows."
+        prog="flowstudio",
+        description="Author, test and run prompt-flow style flows.",
+        epilog=(
+            "Flows run in a separate runner process. Runners are forked from a local fork server that keeps the "
+            "engine imported (it exits after 10 idle minutes); set FLOWSTUDIO_NO_ZYGOTE=1 to start each runner "
+            "from scratch. FLOWSTUDIO_HOME (default ~/.flowstudio) holds connections and runs."
+        ),
     )
     groups = parser.add_subparsers(dest="group", metavar="{flow,connection,run}")
     groups.required = True

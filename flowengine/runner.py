@@ -27,6 +27,7 @@ import json
 import os
 import re
 import resource
+import select
 import sys
 import threading
 import time
@@ -109,7 +110,13 @@ class ProtocolWriter:
         with self._lock:
             view = memoryview(data)
             while view:
-                written = os.write(self._fd, view)
+                try:
+                    written = os.write(self._fd, view)
+                except BlockingIOError:
+                    # A forked runner's protocol socket shares its (non-blocking) file status with the
+                    # request side that asyncio reads: wait until the parent has read some replies.
+                    select.select([], [self._fd], [], 1.0)
+                    continue
                 view = view[written:]
 
 

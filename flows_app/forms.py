@@ -173,3 +173,181 @@ class ConnectionForm(forms.Form):
             field = aliases.get(key, key) if key else None
             for message in messages:
                 self.add_error(field if field in self.fields else None, message)
+
+
+# --- flows: authoring --------------------------------------------------------------------------------
+
+FLOW_TEMPLATE_CHOICES = [
+    ("standard", "Standard: a prompt and a Python node"),
+    ("chat", "Chat: an LLM node with chat history"),
+    ("evaluation", "Evaluation: per-line scores and an aggregation"),
+    ("flex", "Flex: a Python class as the flow"),
+    ("prompty", "Prompty: one prompt file"),
+]
+
+
+def _team_field(user: AbstractBaseUser) -> forms.ModelChoiceField:
+    from accounts_app.models import Team
+    from accounts_app.selectors import user_team_ids
+
+    return forms.ModelChoiceField(
+        queryset=Team.objects.filter(pk__in=list(user_team_ids(user))).order_by("name"),
+        required=False,
+        empty_label="No team",
+        help_text="Members of the team can view the flow.",
+    )
+
+
+class FlowNewForm(forms.Form):
+    """Create a flow from one of the templates."""
+
+    name = forms.CharField(max_length=200)
+    template = forms.ChoiceField(choices=FLOW_TEMPLATE_CHOICES, initial="standard", widget=forms.RadioSelect)
+    description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
+
+    def __init__(self, *args: Any, user: AbstractBaseUser, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.fields["team"] = _team_field(user)
+
+
+class FlowImportForm(forms.Form):
+    """Import a zip archive of a flow folder as a new flow."""
+
+    archive = forms.FileField(help_text="A zip of a flow folder (prompt flow exports import as they are).")
+    name = forms.CharField(max_length=200, required=False, help_text="Blank: the archive's name.")
+
+    def __init__(self, *args: Any, user: AbstractBaseUser, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.fields["team"] = _team_field(user)
+
+    def flow_name(self) -> str:
+        """The name to give the new flow: the one typed, else the archive's file name without `.zip`."""
+        name = self.cleaned_data.get("name") or ""
+        if name:
+            return name
+        stem = self.cleaned_data["archive"].name.rsplit("/", 1)[-1]
+        return stem[:-4] if stem.lower().endswith(".zip") else stem
+
+
+class VersionImportForm(forms.Form):
+    """Import a zip archive as a new version of an existing flow."""
+
+    archive = forms.FileField()
+    based_on = forms.IntegerField(min_value=0)
+    message = forms.CharField(max_length=500, required=False)
+
+
+class FileSaveForm(forms.Form):
+    """One file's new content, with the version the editor loaded it from."""
+
+    path = forms.CharField(max_length=1000, strip=False)
+    content = forms.CharField(required=False, strip=False, widget=forms.Textarea)
+    based_on = forms.IntegerField(min_value=0)
+    message = forms.CharField(max_length=500, required=False)
+    merged = forms.BooleanField(required=False)
+
+    def clean_content(self) -> str:
+        """Browsers send CRLF line ends from a textarea: store what the editor shows, with LF."""
+        return self.cleaned_data["content"].replace("\r\n", "\n")
+
+    def clean(self) -> dict[str, Any]:
+        """A merge may not be saved while it still holds conflict markers."""
+        cleaned = super().clean()
+        content = cleaned.get("content") or ""
+        if cleaned.get("merged") and any(
+            line.startswith(("<<<<<<< ", ">>>>>>> ")) for line in content.splitlines()
+        ):
+            raise ValidationError(
+                f"{cleaned.get('path')}: the merge still has conflict markers (<<<<<<< … >>>>>>>): "
+                "keep the lines you want and remove the markers."
+            )
+        return cleaned
+
+
+class PathForm(forms.Form):
+    """A path in the flow folder (a file, or a folder with everything in it) and the version it was seen at."""
+
+    path = forms.CharField(max_length=1000, strip=False)
+    based_on = forms.IntegerField(min_value=0)
+
+
+class RenameForm(PathForm):
+    """Move a file or folder to a new path."""
+
+    new_path = forms.CharField(max_length=1000, strip=True)
+
+
+class UploadForm(forms.Form):
+    """Files (or a whole folder) uploaded into a folder of the flow."""
+
+    folder = forms.CharField(max_length=1000, required=False, strip=True)
+    based_on = forms.IntegerField(min_value=0)
+    # Browsers strip folders from uploaded file names; the page sends each file's relative path here.
+    paths = forms.CharField(required=False, widget=forms.HiddenInput)
+
+
+class AddInputForm(forms.Form):
+    """A new flow input, added to flow.dag.yaml by the structured view."""
+
+    name = forms.CharField(max_length=100)
+    type = forms.ChoiceField(
+        choices=[(t, t) for t in ("string", "int", "double", "bool", "list", "object")], initial="string"
+    )
+    default = forms.CharField(max_length=2000, required=False)
+    based_on = forms.IntegerField(min_value=0)
+
+
+class AddOutputForm(forms.Form):
+    """A new flow output, added to flow.dag.yaml by the structured view."""
+
+    name = forms.CharField(max_length=100)
+    reference = forms.CharField(max_length=500, help_text="For example ${my_node.output}.")
+    based_on = forms.IntegerField(min_value=0)
+
+
+class AddNodeForm(forms.Form):
+    """A new node, appended to flow.dag.yaml with a starter source file."""
+
+    name = forms.CharField(max_length=100)
+    type = forms.ChoiceField(choices=[("llm", "LLM"), ("prompt", "Prompt"), ("python", "Python")])
+    connection = forms.CharField(max_length=128, required=False, help_text="LLM nodes: a connection name.")
+    model = forms.CharField(max_length=128, required=False)
+    inputs = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "text=${inputs.question}"}),
+        help_text="One `name=value` per line; values may reference ${inputs.x} or ${node.output}.",
+    )
+    based_on = forms.IntegerField(min_value=0)
+
+    def clean_inputs(self) -> dict[str, str]:
+        """Parse `name=value` lines into the node's inputs."""
+        parsed: dict[str, str] = {}
+        for number, line in enumerate(self.cleaned_data["inputs"].splitlines(), start=1):
+            if not line.strip():
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                raise ValidationError(f"Inputs line {number}: write name=value, not '{line.strip()[:40]}'.")
+            parsed[key.strip()] = value.strip()
+        return parsed
+
+
+class ShareForm(forms.Form):
+    """Share a flow with one user (by user name) or one team, as viewer or editor."""
+
+    username = forms.CharField(max_length=150, required=False, label="User name")
+    role = forms.ChoiceField(choices=[("viewer", "Viewer"), ("editor", "Editor")], initial="viewer")
+
+    def __init__(self, *args: Any, user: AbstractBaseUser, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        team = _team_field(user)
+        team.empty_label = "—"
+        team.help_text = ""
+        self.fields["team"] = team
+
+    def clean(self) -> dict[str, Any]:
+        """Exactly one of user name and team."""
+        cleaned = super().clean()
+        if bool(cleaned.get("username")) == bool(cleaned.get("team")):
+            raise ValidationError("Give either a user name or a team.")
+        return cleaned

@@ -59,3 +59,135 @@ class Connection(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+# --- flow storage -----------------------------------------------------------------------------------
+
+
+class Blob(models.Model):
+    """One distinct file content, addressed by its sha256: identical files are stored once."""
+
+    sha256 = models.CharField(max_length=64, primary_key=True)
+    size = models.BigIntegerField()
+    data = models.BinaryField()
+
+    def __str__(self) -> str:
+        return f"{self.sha256[:12]} ({self.size} bytes)"
+
+
+class Snapshot(models.Model):
+    """An immutable manifest of a flow folder at one moment: relative POSIX path -> blob sha256."""
+
+    # The sha256 of the canonical manifest JSON, so the same files always give the same row.
+    sha256 = models.CharField(max_length=64, primary_key=True)
+    manifest = models.JSONField()
+    total_size = models.BigIntegerField()
+    file_count = models.IntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"snapshot {self.sha256[:12]} ({self.file_count} files)"
+
+
+class Flow(models.Model):
+    """A flow folder with a history of versions; `head` is the newest version."""
+
+    class Kind(models.TextChoices):
+        DAG = "dag", "DAG"
+        FLEX = "flex", "Flex"
+        PROMPTY = "prompty", "Prompty"
+        UNKNOWN = "", "No flow file"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="flows")
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True, default="")
+    kind = models.CharField(max_length=16, choices=Kind.choices, blank=True, default="")
+    team = models.ForeignKey(
+        "accounts_app.Team",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="flows",
+        help_text="The team the flow is filed under; its members can view it.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    deleted_at = models.DateTimeField(null=True, blank=True, help_text="Set while the flow is in the trash.")
+    head = models.ForeignKey(
+        "FlowVersion", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["name", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "name"],
+                condition=models.Q(deleted_at__isnull=True),
+                name="flow_name_unique_per_owner",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class FlowVersion(models.Model):
+    """One saved state of a flow: who saved which snapshot, when, why, and on top of which version."""
+
+    flow = models.ForeignKey(Flow, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    snapshot = models.ForeignKey(Snapshot, on_delete=models.PROTECT, related_name="versions")
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    message = models.TextField(blank=True, default="")
+    based_on = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+
+    class Meta:
+        ordering = ["flow_id", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["flow", "number"], name="flow_version_number_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.flow_id} v{self.number}"
+
+
+class FlowShare(models.Model):
+    """A flow shared with one user or one team, as viewer or editor."""
+
+    class Role(models.TextChoices):
+        VIEWER = "viewer", "Viewer"
+        EDITOR = "editor", "Editor"
+
+    flow = models.ForeignKey(Flow, on_delete=models.CASCADE, related_name="shares")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="flow_shares"
+    )
+    team = models.ForeignKey(
+        "accounts_app.Team", on_delete=models.CASCADE, null=True, blank=True, related_name="flow_shares"
+    )
+    role = models.CharField(max_length=8, choices=Role.choices, default=Role.VIEWER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    models.Q(user__isnull=False, team__isnull=True)
+                    | models.Q(user__isnull=True, team__isnull=False)
+                ),
+                name="flow_share_user_xor_team",
+            ),
+            models.UniqueConstraint(
+                fields=["flow", "user"], condition=models.Q(user__isnull=False), name="flow_share_user_unique"
+            ),
+            models.UniqueConstraint(
+                fields=["flow", "team"], condition=models.Q(team__isnull=False), name="flow_share_team_unique"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.flow_id} -> {self.user_id or self.team_id} ({self.role})"

@@ -1,12 +1,21 @@
-"""Writes of the flows app: connections and their encrypted secrets."""
+"""Writes of the flows app: connections and their encrypted secrets; flow storage, versions, zips, sharing."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import hashlib
+import io
 import json
 import os
 import re
+import shutil
+import stat
 import tempfile
-from collections.abc import Mapping
+import unicodedata
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -14,12 +23,22 @@ from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from flowengine.connections import DEFAULT_AZURE_API_VERSION
 from flowengine.connections import Connection as EngineConnection
-from flows_app.models import CONNECTION_NAME_PATTERN, CONNECTION_NAME_RULE, Connection
+from flows_app.models import (
+    CONNECTION_NAME_PATTERN,
+    CONNECTION_NAME_RULE,
+    Blob,
+    Connection,
+    Flow,
+    FlowShare,
+    FlowVersion,
+    Snapshot,
+)
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser
@@ -400,3 +419,1077 @@ def connection_secrets_reencrypt(*, keys: list[str] | None = None) -> int:
         Connection.objects.filter(pk=connection.pk).update(encrypted_secrets=token)
         count += 1
     return count
+
+
+# --- flow storage: paths ----------------------------------------------------------------------------
+
+MAX_PATH_CHARS: Final = 255
+MAX_PATH_DEPTH: Final = 16
+MAX_SEGMENT_BYTES: Final = 255
+FLOW_TEMPLATES: Final = ("standard", "chat", "evaluation", "flex", "prompty")
+# Bidirectional overrides and isolates make a name display differently from what it is.
+_BIDI_CONTROLS: Final = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_DRIVE_RE: Final = re.compile(r"^[A-Za-z]:")
+
+
+class FlowPathError(ValueError):
+    """A file path that is not a plain relative path inside the flow folder; `reason` is a stable code."""
+
+    def __init__(self, message: str, *, reason: str = "invalid", path: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.path = path
+
+
+class FlowConflict(Exception):
+    """A save based on an older version than the head: nothing was written; `head` is the newer version."""
+
+    def __init__(self, *, flow: Flow, head: FlowVersion | None, based_on: int | None) -> None:
+        head_number = head.number if head else 0
+        author = head.author.get_username() if head and head.author else "someone"
+        super().__init__(
+            f"Flow '{flow.name}' is at version {head_number} (saved by {author}); your change was based on "
+            f"version {based_on}. Reload, merge the other change, and save again."
+        )
+        self.flow = flow
+        self.head = head
+        self.based_on = based_on
+
+
+class FlowImportError(ValueError):
+    """An archive refused before anything was written; the message names the entry and `reason` the attack."""
+
+    def __init__(self, message: str, *, reason: str, entry: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.entry = entry
+
+
+def flow_path_clean(path: str) -> str:
+    """Return `path` unchanged if it is a safe relative POSIX path inside a flow folder; else FlowPathError.
+
+    The one check behind every file operation, snapshot and zip entry: refuses NUL and control characters,
+    backslashes, absolute and drive paths, empty, '.' and '..' segments (also in look-alike Unicode),
+    trailing spaces or dots, over-long names and over-deep paths. It rejects rather than rewrites.
+    """
+    if not isinstance(path, str):
+        raise FlowPathError(f"A file path must be text, not {type(path).__name__}.", reason="invalid")
+    shown = repr(path)
+    if path == "":
+        raise FlowPathError("The file path is empty.", reason="empty_segment", path=path)
+    if "\x00" in path:
+        raise FlowPathError(f"File path {shown} contains a NUL byte.", reason="nul", path=path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FlowPathError(f"File path {shown} is not valid UTF-8.", reason="encoding", path=path) from None
+    for char in path:
+        if unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS:
+            raise FlowPathError(
+                f"File path {shown} contains the control character U+{ord(char):04X}.",
+                reason="control",
+                path=path,
+            )
+    if "\\" in path:
+        # Name the attack a Windows reader would see: an absolute path, a climb out, or just a bad separator.
+        windows = path.replace("\\", "/")
+        if windows.startswith("/") or _DRIVE_RE.match(windows):
+            raise FlowPathError(
+                f"File path {shown} is an absolute Windows path: give a path relative to the flow folder.",
+                reason="absolute",
+                path=path,
+            )
+        if ".." in windows.split("/"):
+            raise FlowPathError(
+                f"File path {shown} climbs out of its folder with '..\\'.", reason="traversal", path=path
+            )
+        raise FlowPathError(
+            f"File path {shown} contains a backslash: use '/' between folders.", reason="backslash", path=path
+        )
+    if path.startswith("/") or _DRIVE_RE.match(path):
+        raise FlowPathError(
+            f"File path {shown} is absolute: give a path relative to the flow folder.",
+            reason="absolute",
+            path=path,
+        )
+    segments = path.split("/")
+    for segment in segments:
+        if segment == "":
+            raise FlowPathError(
+                f"File path {shown} has an empty segment ('//' or a trailing '/').",
+                reason="empty_segment",
+                path=path,
+            )
+        folded = unicodedata.normalize("NFKC", segment)
+        if segment in (".", "..") or folded in (".", "..") or "/" in folded or "\\" in folded:
+            raise FlowPathError(
+                f"File path {shown} contains a '{segment}' segment, which would leave its folder.",
+                reason="traversal",
+                path=path,
+            )
+        if segment.endswith((" ", ".")):
+            raise FlowPathError(
+                f"File path {shown}: the name '{segment}' ends with a space or a dot.",
+                reason="name",
+                path=path,
+            )
+        if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+            raise FlowPathError(
+                f"File path {shown}: the name '{segment[:40]}…' is longer than {MAX_SEGMENT_BYTES} bytes.",
+                reason="too_long",
+                path=path,
+            )
+    if len(path) > MAX_PATH_CHARS:
+        raise FlowPathError(
+            f"File path {shown} is longer than {MAX_PATH_CHARS} characters.", reason="too_long", path=path
+        )
+    if len(segments) > MAX_PATH_DEPTH:
+        raise FlowPathError(
+            f"File path {shown} is nested deeper than {MAX_PATH_DEPTH} folders.", reason="too_deep", path=path
+        )
+    return path
+
+
+def _check_tree(paths: Iterable[str]) -> None:
+    # A folder tree must be one a filesystem can hold on every OS we export to: no name both a file and a
+    # folder, no two names equal but for case (they would overwrite each other on macOS and Windows).
+    seen: dict[str, tuple[str, bool]] = {}
+    for path in sorted(set(paths)):
+        parts = path.split("/")
+        for depth in range(1, len(parts) + 1):
+            sub = "/".join(parts[:depth])
+            is_file = depth == len(parts)
+            prior = seen.get(sub.casefold())
+            if prior is None:
+                seen[sub.casefold()] = (sub, is_file)
+                continue
+            if prior[0] != sub:
+                raise FlowPathError(
+                    f"'{prior[0]}' and '{sub}' differ only in case.", reason="duplicate", path=path
+                )
+            if prior[1] or is_file:
+                raise FlowPathError(
+                    f"'{sub}' is both a file and a folder.", reason="file_is_folder", path=path
+                )
+
+
+def files_from_folder(*, root: Path) -> dict[str, bytes]:
+    """Read a flow folder from disk as {path: bytes}; refuses symlinks and special files instead of following."""
+    root = Path(root)
+    files: dict[str, bytes] = {}
+    for current, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if d not in _DROPPED_FOLDERS)
+        for name in [*dirnames, *filenames]:
+            full = Path(current) / name
+            relative = full.relative_to(root).as_posix()
+            mode = full.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise FlowPathError(
+                    f"'{relative}' is a symbolic link; flows hold only regular files.",
+                    reason="link",
+                    path=relative,
+                )
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise FlowPathError(
+                    f"'{relative}' is a device, pipe or socket, not a regular file.",
+                    reason="device",
+                    path=relative,
+                )
+        for name in sorted(filenames):
+            relative = (Path(current) / name).relative_to(root).as_posix()
+            if name in _DROPPED_FILES:
+                continue
+            flow_path_clean(relative)
+            fd = os.open(Path(current) / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as handle:
+                files[relative] = handle.read()
+    return files
+
+
+# --- flow storage: blobs and snapshots --------------------------------------------------------------
+
+_DROPPED_FOLDERS: Final = frozenset({".promptflow", "__pycache__", "__MACOSX", ".git"})
+_DROPPED_FILES: Final = frozenset({".DS_Store", "Thumbs.db"})
+# Fixed zip metadata, so the same snapshot always exports to the same bytes.
+_ZIP_DATE: Final = (1980, 1, 1, 0, 0, 0)
+_ZIP_FILE_MODE: Final = 0o100644
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def manifest_json(manifest: Mapping[str, str]) -> bytes:
+    """The canonical JSON of a manifest (sorted keys, no spaces, UTF-8): its sha256 names the snapshot."""
+    return json.dumps(dict(manifest), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _blobs_store(blobs: Mapping[str, bytes]) -> None:
+    # Only contents the database lacks are sent; a concurrent writer of the same content is harmless because
+    # the primary key is the content hash (ignore_conflicts).
+    wanted = list(blobs)
+    existing: set[str] = set()
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        existing.update(Blob.objects.filter(sha256__in=chunk).values_list("sha256", flat=True))
+    missing = [
+        Blob(sha256=sha, size=len(data), data=data) for sha, data in blobs.items() if sha not in existing
+    ]
+    if missing:
+        Blob.objects.bulk_create(missing, ignore_conflicts=True, batch_size=100)
+
+
+def _snapshot_store(manifest: Mapping[str, str], sizes: Mapping[str, int]) -> Snapshot:
+    ordered = dict(sorted(manifest.items()))
+    sha = _sha256(manifest_json(ordered))
+    snapshot, _ = Snapshot.objects.get_or_create(
+        sha256=sha,
+        defaults={
+            "manifest": ordered,
+            "total_size": sum(sizes[blob] for blob in ordered.values()),
+            "file_count": len(ordered),
+        },
+    )
+    return snapshot
+
+
+def _clean_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
+    clean: dict[str, bytes] = {}
+    for path, data in files.items():
+        flow_path_clean(path)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"File '{path}': content must be bytes, not {type(data).__name__}.")
+        clean[path] = bytes(data)
+    _check_tree(clean)
+    return clean
+
+
+@transaction.atomic
+def snapshot_from_files(*, files: Mapping[str, bytes]) -> Snapshot:
+    """Store a folder's files as deduplicated blobs plus one manifest; raises FlowPathError on a bad path.
+
+    Idempotent: the same files always give the same Snapshot row and add no blob twice.
+    """
+    clean = _clean_files(files)
+    blobs = {_sha256(data): data for data in clean.values()}
+    manifest = {path: _sha256(data) for path, data in clean.items()}
+    existing = Snapshot.objects.filter(sha256=_sha256(manifest_json(dict(sorted(manifest.items()))))).first()
+    if existing is not None:
+        return existing
+    _blobs_store(blobs)
+    return _snapshot_store(manifest, {sha: len(data) for sha, data in blobs.items()})
+
+
+def _snapshot_from_manifest(manifest: Mapping[str, str], new_blobs: Mapping[str, bytes]) -> Snapshot:
+    # For edits of a stored snapshot: unchanged files keep their blob, only new contents are stored.
+    _check_tree(manifest)
+    _blobs_store(new_blobs)
+    sizes = dict(Blob.objects.filter(sha256__in=set(manifest.values())).values_list("sha256", "size"))
+    return _snapshot_store(manifest, sizes)
+
+
+def snapshot_files(*, snapshot: Snapshot) -> dict[str, bytes]:
+    """Every file of a snapshot as {path: bytes}, read from the database in one query."""
+    wanted = set(snapshot.manifest.values())
+    data = dict(Blob.objects.filter(sha256__in=wanted).values_list("sha256", "data"))
+    return {path: bytes(data[sha]) for path, sha in snapshot.manifest.items()}
+
+
+def snapshot_file_read(*, snapshot: Snapshot, path: str) -> bytes:
+    """One file of a snapshot; FlowPathError (reason 'not_found') when the snapshot has no such file."""
+    sha = snapshot.manifest.get(flow_path_clean(path))
+    if sha is None:
+        raise FlowPathError(f"There is no file '{path}' in this version.", reason="not_found", path=path)
+    return bytes(Blob.objects.values_list("data", flat=True).get(sha256=sha))
+
+
+def snapshot_materialize(*, snapshot_sha: str, root: Path | None = None) -> Path:
+    """A read-only folder holding the snapshot's files, cached by hash under <DATA_DIR>/snapshots/<sha>.
+
+    Built in a temporary sibling folder and renamed into place, so a concurrent caller sees either no
+    folder or a complete one; reads blobs from the database only, so any host can build it.
+    """
+    if not re.fullmatch(r"[0-9a-f]{64}", snapshot_sha or ""):
+        raise ValueError(f"'{snapshot_sha}' is not a snapshot hash.")
+    base = Path(root) if root is not None else Path(settings.DATA_DIR) / "snapshots"
+    target = base / snapshot_sha
+    if target.is_dir():
+        return target
+    snapshot = Snapshot.objects.get(sha256=snapshot_sha)
+    base.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(dir=base, prefix=f".{snapshot_sha[:12]}-"))
+    try:
+        for path, data in snapshot_files(snapshot=snapshot).items():
+            flow_path_clean(path)
+            file = building / path
+            file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.chmod(file, 0o444)
+        for folder in sorted((p for p in building.rglob("*") if p.is_dir()), reverse=True):
+            os.chmod(folder, 0o555)
+        os.chmod(building, 0o555)
+        try:
+            os.rename(building, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            _remove_tree(building)  # another caller finished first: theirs is identical
+    except BaseException:
+        if building.exists():
+            _remove_tree(building)
+        raise
+    return target
+
+
+def _remove_tree(path: Path) -> None:
+    for folder in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+        os.chmod(folder, 0o755)
+    shutil.rmtree(path)
+
+
+def snapshot_zip(*, snapshot: Snapshot) -> bytes:
+    """The snapshot as a zip: sorted entries, fixed times and permissions, so the bytes never vary."""
+    buffer = io.BytesIO()
+    files = snapshot_files(snapshot=snapshot)
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(files):
+            info = zipfile.ZipInfo(path, date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = 3
+            info.external_attr = _ZIP_FILE_MODE << 16
+            archive.writestr(info, files[path], compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
+    return buffer.getvalue()
+
+
+# --- flow storage: zip import -----------------------------------------------------------------------
+
+# Small files may compress far beyond any ratio harmlessly (a file of blank lines); the ratio limit only
+# bites once an entry, or the whole archive, expands past this many bytes.
+RATIO_FLOOR_BYTES: Final = 1024 * 1024
+_ZIP_STREAM_CHUNK: Final = 64 * 1024
+_FLOW_FILE_NAMES: Final = ("flow.dag.yaml", "flow.flex.yaml")
+_PATH_REASONS_IN_ZIPS: Final = {"file_is_folder": "duplicate"}
+
+
+def zip_limits() -> tuple[int, int, int]:
+    """(max uncompressed bytes, max entries, max compression ratio) from settings."""
+    return (
+        int(getattr(settings, "STUDIO_ZIP_MAX_BYTES", 50 * 1024 * 1024)),
+        int(getattr(settings, "STUDIO_ZIP_MAX_FILES", 5000)),
+        int(getattr(settings, "STUDIO_ZIP_MAX_RATIO", 100)),
+    )
+
+
+def _refuse(entry: str | None, reason: str, why: str) -> FlowImportError:
+    where = f"entry {entry!r}: " if entry is not None else ""
+    return FlowImportError(
+        f"Refused the archive, nothing was imported: {where}{why}", reason=reason, entry=entry
+    )
+
+
+def _zip_entry_check(info: zipfile.ZipInfo, offsets: dict[int, str]) -> str | None:
+    # Returns the entry's folder-relative path, or None for a folder entry; raises on anything unsafe.
+    name = info.orig_filename
+    if info.flag_bits & 0x1:
+        raise _refuse(name, "encrypted", "it is encrypted; export the flow without a password.")
+    if not info.flag_bits & 0x800 and any(ord(char) > 127 for char in name):
+        raise _refuse(
+            name,
+            "encoding",
+            "its name is not marked as UTF-8 (zip flag bit 11), so its characters are ambiguous.",
+        )
+    mode = info.external_attr >> 16
+    kind = stat.S_IFMT(mode)
+    if kind == stat.S_IFLNK or (info.create_system == 0 and info.external_attr & 0x400):
+        raise _refuse(name, "link", "it is a symbolic link; flows hold only regular files.")
+    if kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+        raise _refuse(name, "device", "it is a device, pipe or socket, not a regular file.")
+    if info.header_offset in offsets:
+        raise _refuse(
+            name,
+            "link",
+            f"it shares its data with entry {offsets[info.header_offset]!r} (a hard link or overlapping entries).",
+        )
+    offsets[info.header_offset] = name
+    is_folder = name.endswith("/") or kind == stat.S_IFDIR
+    path = name[:-1] if name.endswith("/") else name
+    try:
+        flow_path_clean(path)
+    except FlowPathError as error:
+        raise _refuse(name, _PATH_REASONS_IN_ZIPS.get(error.reason, error.reason), str(error)) from None
+    return None if is_folder else path
+
+
+def _zip_entry_read(archive: zipfile.ZipFile, info: zipfile.ZipInfo, *, total: int) -> bytes:
+    max_bytes, _, max_ratio = zip_limits()
+    name = info.orig_filename
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with archive.open(info) as handle:
+            while chunk := handle.read(_ZIP_STREAM_CHUNK):
+                size += len(chunk)
+                if total + size > max_bytes:
+                    raise _refuse(
+                        name, "too_large", f"the archive expands past the limit of {max_bytes:,} bytes."
+                    )
+                if size > RATIO_FLOOR_BYTES and size > max_ratio * max(info.compress_size, 1):
+                    raise _refuse(
+                        name,
+                        "ratio",
+                        f"it expands more than {max_ratio} times its compressed size "
+                        f"({info.compress_size:,} bytes), the mark of a zip bomb.",
+                    )
+                chunks.append(chunk)
+    except FlowImportError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as error:
+        raise _refuse(name, "corrupt", f"it cannot be read ({error}).") from None
+    return b"".join(chunks)
+
+
+def _unwrap(files: dict[str, bytes]) -> tuple[dict[str, bytes], str | None]:
+    # `zip -r flow.zip my_flow/` puts everything under one folder: strip it when it holds the flow file.
+    tops = {path.split("/", 1)[0] for path in files}
+    if len(tops) != 1 or any("/" not in path for path in files):
+        return files, None
+    top = tops.pop()
+    inner = {path[len(top) + 1 :]: data for path, data in files.items()}
+    if not any(name in inner for name in _FLOW_FILE_NAMES) and not any(
+        "/" not in path and path.endswith(".prompty") for path in inner
+    ):
+        return files, None
+    return inner, top
+
+
+def _dropped(path: str) -> bool:
+    parts = path.split("/")
+    return any(part in _DROPPED_FOLDERS for part in parts[:-1]) or parts[-1] in _DROPPED_FILES
+
+
+def zip_read_checked(*, data: bytes) -> tuple[dict[str, bytes], str | None]:
+    """Read an uploaded zip into {path: bytes} and the unwrapped top folder's name, or raise FlowImportError.
+
+    Every entry is inspected before any content is read, and sizes are counted while decompressing (headers
+    are not trusted); nothing is written anywhere. prompt flow's `.promptflow/` and `__pycache__/` are dropped.
+    """
+    max_bytes, max_files, _ = zip_limits()
+    if len(data) > max_bytes:
+        raise _refuse(None, "too_large", f"the upload is larger than the limit of {max_bytes:,} bytes.")
+    if not data.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise _refuse(None, "corrupt", "it is not a zip archive (it does not start with a zip header).")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, UnicodeDecodeError, ValueError, OSError) as error:
+        raise _refuse(None, "corrupt", f"it is not a readable zip archive ({error}).") from None
+    if len(infos) > max_files:
+        raise _refuse(None, "too_many_files", f"it has {len(infos):,} entries; the limit is {max_files:,}.")
+    offsets: dict[int, str] = {}
+    names: set[str] = set()
+    wanted: list[tuple[zipfile.ZipInfo, str]] = []
+    folders: set[str] = set()
+    for info in infos:
+        if info.orig_filename in names:
+            raise _refuse(info.orig_filename, "duplicate", "the archive holds two entries with this name.")
+        names.add(info.orig_filename)
+        path = _zip_entry_check(info, offsets)
+        if path is None:
+            folders.add(info.orig_filename.rstrip("/"))
+        else:
+            wanted.append((info, path))
+    paths = [path for _, path in wanted]
+    try:
+        _check_tree(paths)
+    except FlowPathError as error:
+        raise _refuse(error.path, "duplicate", str(error)) from None
+    lowered = {path.casefold() for path in paths}
+    for folder in folders:
+        if folder.casefold() in lowered:
+            raise _refuse(folder + "/", "duplicate", "a folder and a file have this name.")
+    declared = sum(info.file_size for info, _ in wanted)
+    if declared > max_bytes:
+        raise _refuse(None, "too_large", f"it declares {declared:,} bytes; the limit is {max_bytes:,}.")
+    files: dict[str, bytes] = {}
+    total = 0
+    for info, path in wanted:
+        content = _zip_entry_read(archive, info, total=total)
+        total += len(content)
+        if not _dropped(path):
+            files[path] = content
+    _, _, max_ratio = zip_limits()
+    if total > RATIO_FLOOR_BYTES and total > max_ratio * len(data):
+        raise _refuse(
+            None, "ratio", f"it expands more than {max_ratio} times its size, the mark of a zip bomb."
+        )
+    return _unwrap(files)
+
+
+# --- flows ------------------------------------------------------------------------------------------
+
+
+def _flow_kind(paths: Iterable[str]) -> str:
+    paths = set(paths)
+    if "flow.dag.yaml" in paths:
+        return Flow.Kind.DAG
+    if "flow.flex.yaml" in paths:
+        return Flow.Kind.FLEX
+    if len([p for p in paths if "/" not in p and p.endswith(".prompty")]) == 1:
+        return Flow.Kind.PROMPTY
+    return Flow.Kind.UNKNOWN
+
+
+def _clean_name(name: str) -> str:
+    name = (name or "").strip()
+    if not name:
+        raise ValidationError({"name": "A flow needs a name."})
+    if len(name) > 200:
+        raise ValidationError({"name": f"The flow name is {len(name)} characters long; the limit is 200."})
+    if any(unicodedata.category(char) == "Cc" for char in name):
+        raise ValidationError({"name": "The flow name contains a control character."})
+    return name
+
+
+def _name_taken(owner: Any, name: str, *, exclude: int | None = None) -> bool:
+    return Flow.objects.filter(owner=owner, name=name, deleted_at__isnull=True).exclude(pk=exclude).exists()
+
+
+def _free_name(owner: Any, name: str) -> str:
+    candidate, counter = name, 2
+    while _name_taken(owner, candidate):
+        candidate = f"{name} ({counter})"
+        counter += 1
+    return candidate
+
+
+def _require_role(user: Any, flow: Flow, roles: tuple[str, ...], action: str) -> None:
+    from flows_app.selectors import flow_role_for
+
+    role = flow_role_for(user, flow)
+    if role not in roles:
+        raise PermissionDenied(
+            f"You cannot {action} flow '{flow.name}': "
+            + ("it is shared with you read-only." if role else "it is not shared with you.")
+        )
+    if flow.deleted_at is not None and action != "restore":
+        raise ValidationError({"flow": f"Flow '{flow.name}' is in the trash: restore it first."})
+
+
+def _locked(flow: Flow) -> Flow:
+    return Flow.objects.select_for_update().select_related("head", "head__author").get(pk=flow.pk)
+
+
+def _add_version(
+    *, flow: Flow, user: Any, snapshot: Snapshot, message: str, based_on: FlowVersion | None
+) -> FlowVersion:
+    # The caller holds the flow's row lock; the unique (flow, number) constraint backs it up.
+    number = (flow.head.number if flow.head else 0) + 1
+    try:
+        with transaction.atomic():
+            version = FlowVersion.objects.create(
+                flow=flow, number=number, snapshot=snapshot, author=user, message=message, based_on=based_on
+            )
+    except IntegrityError:
+        raise FlowConflict(flow=flow, head=Flow.objects.get(pk=flow.pk).head, based_on=number - 1) from None
+    flow.head = version
+    flow.kind = _flow_kind(snapshot.manifest)
+    flow.save(update_fields=["head", "kind", "updated_at"])
+    return version
+
+
+def _check_team_member(user: Any, team: Team | None) -> None:
+    _check_team(owner=user, team=team)
+
+
+@transaction.atomic
+def flow_create(
+    *,
+    owner: AbstractBaseUser,
+    name: str,
+    files: Mapping[str, bytes],
+    message: str = "",
+    team: Team | None = None,
+    description: str = "",
+) -> Flow:
+    """Create a flow owned by `owner` with version 1 holding `files`; the name is unique among live flows."""
+    name = _clean_name(name)
+    _check_team_member(owner, team)
+    if _name_taken(owner, name):
+        raise ValidationError({"name": f"You already have a flow named '{name}'."})
+    snapshot = snapshot_from_files(files=files)
+    try:
+        with transaction.atomic():
+            flow = Flow.objects.create(owner=owner, name=name, description=description, team=team)
+    except IntegrityError:
+        raise ValidationError({"name": f"You already have a flow named '{name}'."}) from None
+    _add_version(
+        flow=flow, user=owner, snapshot=snapshot, message=message or "Create the flow", based_on=None
+    )
+    return flow
+
+
+def template_files(*, template: str) -> dict[str, bytes]:
+    """The files of one `flowstudio flow init` template, read from flowengine/templates_init/."""
+    import flowengine
+
+    if template not in FLOW_TEMPLATES:
+        raise ValidationError(
+            {"template": f"Unknown template '{template}': use one of {', '.join(FLOW_TEMPLATES)}."}
+        )
+    return files_from_folder(root=Path(flowengine.__file__).parent / "templates_init" / template)
+
+
+def flow_create_from_template(
+    *, owner: AbstractBaseUser, name: str, template: str, team: Team | None = None
+) -> Flow:
+    """Create a flow from one of the templates: standard, chat, evaluation, flex or prompty."""
+    return flow_create(
+        owner=owner,
+        name=name,
+        files=template_files(template=template),
+        message=f"Create from the {template} template",
+        team=team,
+    )
+
+
+def _based_on_version(flow: Flow, based_on: int | None) -> FlowVersion | None:
+    if based_on is None:
+        return None
+    return FlowVersion.objects.filter(flow=flow, number=based_on).first()
+
+
+@transaction.atomic
+def flow_save(
+    *, flow: Flow, user: AbstractBaseUser, files: Mapping[str, bytes], based_on: int, message: str = ""
+) -> FlowVersion:
+    """Save the whole folder as a new version; FlowConflict (nothing written) when `based_on` is not the head."""
+    _require_role(user, flow, ("owner", "editor"), "save")
+    flow = _locked(flow)
+    head_number = flow.head.number if flow.head else 0
+    if based_on != head_number:
+        raise FlowConflict(flow=flow, head=flow.head, based_on=based_on)
+    snapshot = snapshot_from_files(files=files)
+    return _add_version(
+        flow=flow,
+        user=user,
+        snapshot=snapshot,
+        message=message or "Save",
+        based_on=_based_on_version(flow, based_on),
+    )
+
+
+def _subtree(manifest: Mapping[str, str], path: str) -> dict[str, str]:
+    prefix = path + "/"
+    return {key: sha for key, sha in manifest.items() if key == path or key.startswith(prefix)}
+
+
+@transaction.atomic
+def _edit(
+    *,
+    flow: Flow,
+    user: AbstractBaseUser,
+    based_on: int,
+    touched: Iterable[str],
+    message: str,
+    change: Callable[[dict[str, str]], dict[str, bytes]],
+) -> FlowVersion:
+    # A file operation based on an older version still applies when none of the paths it touches changed
+    # since then (two people editing different files); otherwise FlowConflict, and nothing is written.
+    _require_role(user, flow, ("owner", "editor"), "change")
+    flow = _locked(flow)
+    head = flow.head
+    manifest: dict[str, str] = dict(head.snapshot.manifest) if head else {}
+    base = _based_on_version(flow, based_on)
+    if head is None or base is None:
+        raise FlowConflict(flow=flow, head=head, based_on=based_on)
+    if base.pk != head.pk:
+        old = base.snapshot.manifest
+        if any(_subtree(old, path) != _subtree(manifest, path) for path in touched):
+            raise FlowConflict(flow=flow, head=head, based_on=based_on)
+    new_blobs = change(manifest)
+    snapshot = _snapshot_from_manifest(manifest, new_blobs)
+    return _add_version(flow=flow, user=user, snapshot=snapshot, message=message, based_on=base)
+
+
+def flow_file_save(
+    *, flow: Flow, user: AbstractBaseUser, path: str, content: bytes, based_on: int, message: str = ""
+) -> FlowVersion:
+    """Save one file (new or changed) as a new version; FlowConflict if someone changed it since `based_on`."""
+    flow_path_clean(path)
+
+    def change(manifest: dict[str, str]) -> dict[str, bytes]:
+        if _subtree(manifest, path).keys() - {path}:
+            raise FlowPathError(
+                f"'{path}' is a folder; give a file path.", reason="file_is_folder", path=path
+            )
+        sha = _sha256(bytes(content))
+        manifest[path] = sha
+        return {sha: bytes(content)}
+
+    return _edit(
+        flow=flow,
+        user=user,
+        based_on=based_on,
+        touched=[path],
+        message=message or f"Save {path}",
+        change=change,
+    )
+
+
+def flow_files_upload(
+    *,
+    flow: Flow,
+    user: AbstractBaseUser,
+    files: Mapping[str, bytes],
+    based_on: int,
+    folder: str = "",
+    message: str = "",
+) -> FlowVersion:
+    """Add or replace several files (and folders, by their paths) under `folder` as one new version."""
+    prefix = flow_path_clean(folder) + "/" if folder else ""
+    clean = _clean_files({prefix + path: data for path, data in files.items()})
+    if not clean:
+        raise ValidationError({"files": "Choose at least one file to upload."})
+
+    def change(manifest: dict[str, str]) -> dict[str, bytes]:
+        blobs: dict[str, bytes] = {}
+        for path, data in clean.items():
+            if _subtree(manifest, path).keys() - {path}:
+                raise FlowPathError(
+                    f"'{path}' is a folder; it cannot become a file.", reason="file_is_folder", path=path
+                )
+            manifest[path] = _sha256(data)
+            blobs[manifest[path]] = data
+        return blobs
+
+    names = ", ".join(sorted(clean)[:3]) + (" …" if len(clean) > 3 else "")
+    return _edit(
+        flow=flow,
+        user=user,
+        based_on=based_on,
+        touched=list(clean),
+        message=message or f"Upload {names}",
+        change=change,
+    )
+
+
+def flow_file_rename(
+    *, flow: Flow, user: AbstractBaseUser, path: str, new_path: str, based_on: int, message: str = ""
+) -> FlowVersion:
+    """Rename or move a file or a whole folder as a new version."""
+    flow_path_clean(path)
+    flow_path_clean(new_path)
+    if new_path == path:
+        raise FlowPathError(f"'{path}' already has that name.", reason="exists", path=new_path)
+    if new_path.startswith(path + "/"):
+        raise FlowPathError(
+            f"Cannot move folder '{path}' into itself.", reason="file_is_folder", path=new_path
+        )
+
+    def change(manifest: dict[str, str]) -> dict[str, str]:
+        moving = _subtree(manifest, path)
+        if not moving:
+            raise FlowPathError(f"There is no file or folder '{path}'.", reason="not_found", path=path)
+        if _subtree(manifest, new_path):
+            raise FlowPathError(f"'{new_path}' already exists.", reason="exists", path=new_path)
+        for old, sha in moving.items():
+            del manifest[old]
+            moved = new_path + old[len(path) :]
+            manifest[flow_path_clean(moved)] = sha
+        return {}
+
+    return _edit(
+        flow=flow,
+        user=user,
+        based_on=based_on,
+        touched=[path, new_path],
+        message=message or f"Rename {path} to {new_path}",
+        change=change,
+    )
+
+
+def flow_file_delete(
+    *, flow: Flow, user: AbstractBaseUser, path: str, based_on: int, message: str = ""
+) -> FlowVersion:
+    """Delete a file or a whole folder as a new version."""
+    flow_path_clean(path)
+
+    def change(manifest: dict[str, str]) -> dict[str, bytes]:
+        doomed = _subtree(manifest, path)
+        if not doomed:
+            raise FlowPathError(f"There is no file or folder '{path}'.", reason="not_found", path=path)
+        for key in doomed:
+            del manifest[key]
+        return {}
+
+    return _edit(
+        flow=flow,
+        user=user,
+        based_on=based_on,
+        touched=[path],
+        message=message or f"Delete {path}",
+        change=change,
+    )
+
+
+@transaction.atomic
+def flow_restore_version(
+    *, flow: Flow, user: AbstractBaseUser, number: int, based_on: int | None = None, message: str = ""
+) -> FlowVersion:
+    """Make a new version whose files equal version `number`'s; history before it is kept."""
+    _require_role(user, flow, ("owner", "editor"), "restore a version of")
+    flow = _locked(flow)
+    old = FlowVersion.objects.select_related("snapshot").filter(flow=flow, number=number).first()
+    if old is None:
+        raise ValidationError({"number": f"Flow '{flow.name}' has no version {number}."})
+    if based_on is not None and based_on != (flow.head.number if flow.head else 0):
+        raise FlowConflict(flow=flow, head=flow.head, based_on=based_on)
+    return _add_version(
+        flow=flow,
+        user=user,
+        snapshot=old.snapshot,
+        message=message or f"Restore version {number}",
+        based_on=flow.head,
+    )
+
+
+@transaction.atomic
+def flow_import_zip(
+    *,
+    owner: AbstractBaseUser,
+    data: bytes,
+    name: str | None = None,
+    into: Flow | None = None,
+    based_on: int | None = None,
+    message: str = "",
+    team: Team | None = None,
+) -> FlowVersion:
+    """Import a zip as a new flow (`into` None) or as a new version of `into`; hostile archives are refused
+    with FlowImportError before any row is written.
+
+    For a new version, `based_on` None means "on top of the current head" (a push); a number is checked like
+    any save.
+    """
+    if into is not None:
+        _require_role(owner, into, ("owner", "editor"), "import into")
+    files, folder = zip_read_checked(data=data)
+    if not files:
+        raise FlowImportError("Refused the archive: it holds no files.", reason="empty")
+    if into is None:
+        flow_name = _clean_name(name) if name else _free_name(owner, _clean_name(folder or "Imported flow"))
+        flow = flow_create(
+            owner=owner, name=flow_name, files=files, message=message or "Import from a zip", team=team
+        )
+        assert flow.head is not None
+        return flow.head
+    flow = _locked(into)
+    head_number = flow.head.number if flow.head else 0
+    if based_on is not None and based_on != head_number:
+        raise FlowConflict(flow=flow, head=flow.head, based_on=based_on)
+    snapshot = snapshot_from_files(files=files)
+    return _add_version(
+        flow=flow, user=owner, snapshot=snapshot, message=message or "Import from a zip", based_on=flow.head
+    )
+
+
+@transaction.atomic
+def flow_clone(
+    *, flow: Flow, user: AbstractBaseUser, name: str | None = None, number: int | None = None
+) -> Flow:
+    """Copy a flow the user can see (its head, or version `number`) into a new flow the user owns.
+
+    No file is copied: the new version points at the same snapshot.
+    """
+    _require_role(user, flow, ("owner", "editor", "viewer"), "clone")
+    source = flow.head if number is None else FlowVersion.objects.filter(flow=flow, number=number).first()
+    if source is None:
+        raise ValidationError({"number": f"Flow '{flow.name}' has no version {number}."})
+    new_name = _clean_name(name) if name else _free_name(user, f"{flow.name} (copy)")
+    if _name_taken(user, new_name):
+        raise ValidationError({"name": f"You already have a flow named '{new_name}'."})
+    clone = Flow.objects.create(owner=user, name=new_name, description=flow.description)
+    _add_version(
+        flow=clone,
+        user=user,
+        snapshot=source.snapshot,
+        message=f"Clone of '{flow.name}' version {source.number}",
+        based_on=None,
+    )
+    return clone
+
+
+def flow_update(
+    *, flow: Flow, user: AbstractBaseUser, name: str | None = None, description: str | None = None
+) -> Flow:
+    """Rename a flow or change its description (owner or editor)."""
+    _require_role(user, flow, ("owner", "editor"), "rename")
+    if name is not None:
+        name = _clean_name(name)
+        if _name_taken(flow.owner, name, exclude=flow.pk):
+            raise ValidationError({"name": f"There is already a flow named '{name}'."})
+        flow.name = name
+    if description is not None:
+        flow.description = description
+    try:
+        with transaction.atomic():
+            flow.save(update_fields=["name", "description", "updated_at"])
+    except IntegrityError:
+        raise ValidationError({"name": f"There is already a flow named '{name}'."}) from None
+    return flow
+
+
+def flow_delete(*, flow: Flow, user: AbstractBaseUser) -> Flow:
+    """Move a flow to its owner's trash (owner only); idempotent."""
+    _require_role(user, flow, ("owner",), "delete")
+    if flow.deleted_at is None:
+        flow.deleted_at = timezone.now()
+        flow.save(update_fields=["deleted_at", "updated_at"])
+    return flow
+
+
+@transaction.atomic
+def flow_restore(*, flow: Flow, user: AbstractBaseUser) -> Flow:
+    """Bring a flow back from the trash; renamed '<name> (restored)' if a live flow took its name meanwhile."""
+    _require_role(user, flow, ("owner",), "restore")
+    if flow.deleted_at is None:
+        return flow
+    if _name_taken(flow.owner, flow.name, exclude=flow.pk):
+        flow.name = _free_name(flow.owner, f"{flow.name} (restored)")
+    flow.deleted_at = None
+    flow.save(update_fields=["name", "deleted_at", "updated_at"])
+    return flow
+
+
+def flow_purge(*, flow: Flow, user: AbstractBaseUser) -> None:
+    """Delete a trashed flow for good (owner only); its snapshots stay for the runs that used them."""
+    _require_role(user, flow, ("owner",), "restore")
+    if flow.deleted_at is None:
+        raise ValidationError({"flow": f"Flow '{flow.name}' is not in the trash: delete it first."})
+    Flow.objects.filter(pk=flow.pk).update(head=None)
+    Flow.objects.filter(pk=flow.pk).delete()
+
+
+def flow_share(
+    *,
+    flow: Flow,
+    by: AbstractBaseUser,
+    user: AbstractBaseUser | None = None,
+    team: Team | None = None,
+    role: str = FlowShare.Role.VIEWER,
+) -> FlowShare:
+    """Share a flow with one user or one team as viewer or editor (owner only); sharing again changes the role."""
+    _require_role(by, flow, ("owner",), "share")
+    if (user is None) == (team is None):
+        raise ValidationError({"user": "Share with exactly one user or one team."})
+    if role not in FlowShare.Role.values:
+        raise ValidationError({"role": f"Unknown role '{role}': use viewer or editor."})
+    if user is not None and user.pk == flow.owner_id:
+        raise ValidationError({"user": "The owner already has every right on the flow."})
+    if team is not None:
+        _check_team_member(by, team)
+    lookup = {"user": user} if user is not None else {"team": team}
+    share, _ = FlowShare.objects.update_or_create(flow=flow, **lookup, defaults={"role": role})
+    return share
+
+
+def flow_unshare(
+    *, flow: Flow, by: AbstractBaseUser, user: AbstractBaseUser | None = None, team: Team | None = None
+) -> None:
+    """Stop sharing a flow with a user or a team (owner only); idempotent."""
+    _require_role(by, flow, ("owner",), "share")
+    if user is not None:
+        FlowShare.objects.filter(flow=flow, user=user).delete()
+    if team is not None:
+        FlowShare.objects.filter(flow=flow, team=team).delete()
+
+
+# --- diffs ------------------------------------------------------------------------------------------
+
+_NODE_FIELDS_SKIPPED: Final = frozenset({"line"})
+
+
+def _as_snapshot(item: FlowVersion | Snapshot) -> Snapshot:
+    return item.snapshot if isinstance(item, FlowVersion) else item
+
+
+def _text(data: bytes) -> str | None:
+    if b"\x00" in data[:8192]:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _dag_nodes(snapshot: Snapshot) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    from flowengine import FlowValidationError, load_flow
+
+    try:
+        flow = load_flow(snapshot_materialize(snapshot_sha=snapshot.sha256))
+    except FlowValidationError as error:
+        return None, str(error)
+    nodes: dict[str, dict[str, Any]] = {}
+    for node in flow.nodes:
+        fields = {
+            field.name: getattr(node, field.name)
+            for field in dataclasses.fields(node)
+            if field.name not in _NODE_FIELDS_SKIPPED
+        }
+        fields["variants"] = flow.node_variants.get(node.name)
+        nodes[node.name] = fields
+    return nodes, None
+
+
+def flow_version_diff(*, a: FlowVersion | Snapshot, b: FlowVersion | Snapshot) -> dict[str, Any]:
+    """What changed from `a` to `b`: per-file unified diffs and the DAG's nodes added, removed and changed.
+
+    {"files": [{path, status: added|removed|changed, unified_diff, binary}],
+     "dag": {"nodes_added", "nodes_removed", "nodes_changed": [{name, fields}], "error"}}
+    """
+    old, new = _as_snapshot(a), _as_snapshot(b)
+    old_manifest, new_manifest = old.manifest, new.manifest
+    changed_paths = sorted(
+        path
+        for path in old_manifest.keys() | new_manifest.keys()
+        if old_manifest.get(path) != new_manifest.get(path)
+    )
+    wanted = {old_manifest.get(p) for p in changed_paths} | {new_manifest.get(p) for p in changed_paths}
+    blobs = dict(Blob.objects.filter(sha256__in=wanted - {None}).values_list("sha256", "data"))
+    files = []
+    for path in changed_paths:
+        before = bytes(blobs[old_manifest[path]]) if path in old_manifest else b""
+        after = bytes(blobs[new_manifest[path]]) if path in new_manifest else b""
+        status = "added" if path not in old_manifest else "removed" if path not in new_manifest else "changed"
+        before_text, after_text = _text(before), _text(after)
+        binary = before_text is None or after_text is None
+        diff = ""
+        if not binary:
+            diff = "".join(
+                difflib.unified_diff(
+                    before_text.splitlines(keepends=True),
+                    after_text.splitlines(keepends=True),
+                    fromfile=f"a/{path}" if status != "added" else "/dev/null",
+                    tofile=f"b/{path}" if status != "removed" else "/dev/null",
+                )
+            )
+        files.append({"path": path, "status": status, "unified_diff": diff, "binary": binary})
+    dag: dict[str, Any] = {"nodes_added": [], "nodes_removed": [], "nodes_changed": [], "error": None}
+    if old.sha256 != new.sha256:
+        old_nodes, old_error = _dag_nodes(old)
+        new_nodes, new_error = _dag_nodes(new)
+        if old_nodes is None or new_nodes is None:
+            dag["error"] = old_error or new_error
+        else:
+            dag["nodes_added"] = [name for name in new_nodes if name not in old_nodes]
+            dag["nodes_removed"] = [name for name in old_nodes if name not in new_nodes]
+            dag["nodes_changed"] = [
+                {
+                    "name": name,
+                    "fields": [k for k in new_nodes[name] if new_nodes[name][k] != old_nodes[name].get(k)],
+                }
+                for name in new_nodes
+                if name in old_nodes and new_nodes[name] != old_nodes[name]
+            ]
+    return {"files": files, "dag": dag}

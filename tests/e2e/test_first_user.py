@@ -48,6 +48,8 @@ def test_first_admin_creates_a_connection_and_sees_a_healthy_worker(studio, page
     page.locator("[name=api_key]").fill("sk-e2e-not-a-real-key")
     page.locator("[name=base_url]").fill("http://127.0.0.1:9/v1")
     page.get_by_role("button", name=re.compile(r"^(Create|Save)$")).click()
+    # The form may post through htmx and redirect with HX-Redirect: wait for the page it lands on.
+    page.wait_for_url(lambda url: not url.endswith("/connections/new"))
     page.wait_for_load_state()
     assert "local_llm" in page.content()
     assert "sk-e2e-not-a-real-key" not in page.content()

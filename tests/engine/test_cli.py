@@ -249,6 +249,7 @@ def test_flow_test_forks_warm_runners_from_a_local_fork_server(cli, tmp_path):
     )
     (flow / "who.py").write_text(
         "import os\n\ndef who() -> str:\n"
+        "    print('x' * 20000)\n"
         "    with open(f'/proc/{os.getppid()}/cmdline', 'rb') as fh:\n"
         "        return str(os.getppid()) + ' ' + fh.read().replace(b'\\0', b' ').decode()\n"
     )
@@ -265,6 +266,13 @@ def test_flow_test_forks_warm_runners_from_a_local_fork_server(cli, tmp_path):
         assert f"--zygote {sock}" in second["parent"]
         third = json.loads(cli("flow", "test", "--flow", "whoami", extra_env=zygote_env).stdout)
         assert third["parent"] == second["parent"]
+        # A batch through a forked runner writes far more than a socket buffer holds.
+        data = tmp_path / "many.jsonl"
+        data.write_text('{"n": 1}\n' * 300)
+        run = cli(
+            "run", "create", "--flow", "whoami", "--data", str(data), "--name", "many", extra_env=zygote_env
+        )
+        assert json.loads(run.stdout)["completed_lines"] == 300
     finally:
         zygote_pid = int(second["parent"].split()[0]) if "second" in locals() else None
         if zygote_pid:

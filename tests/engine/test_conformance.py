@@ -210,6 +210,10 @@ async def test_flow_test_matches_promptflow(
             result = await executor.run_line_result(
                 _inputs_for(flow, case), node=case.get("node"), stream=stream
             )
+            node_events = list(result.events)
+            if flow.kind == "dag" and result.status == "Completed" and any(n.aggregation for n in flow.nodes):
+                # `pf flow test` also runs the aggregation nodes over the single line.
+                node_events += (await executor.aggregate([result])).events
         finally:
             executor.close()
     except (FlowValidationError, ValueError, TypeError, KeyError) as exc:
@@ -219,6 +223,7 @@ async def test_flow_test_matches_promptflow(
         _check_raised(f"{flow_name}:{test_name}", recorded, raised, result)
         return
     assert raised is None, f"prompt flow ran this case ({recorded['status']}) but we raised {raised!r}"
+    assert _node_statuses(node_events) == recorded["node_status"]
     if recorded["status"] == "Failed":
         _check_failure(f"{flow_name}:{test_name}", recorded, result)
         return
@@ -234,16 +239,26 @@ async def test_flow_test_matches_promptflow(
 IGNORED_REQUEST_FIELDS = {"stream_options"}
 
 
-def _llm_requests(requests: list[dict[str, Any]], streamed_case: bool) -> list[str]:
-    """The LLM calls a line made (path and body), comparable across engines and call orders."""
+def _llm_requests(requests: list[dict[str, Any]], streamed_case: bool) -> list[dict[str, Any]]:
+    """The LLM calls a line made (path and body), comparable across engines and call orders.
+
+    Bodies compare as values, so prompt flow's `"temperature": 0.0` (it casts to the tool's float parameter)
+    equals our `0` taken as written in the YAML: the same request to any OpenAI-compatible server.
+    """
     calls = []
     for request in requests:
         body = {k: v for k, v in (request["body"] or {}).items() if k not in IGNORED_REQUEST_FIELDS}
         if streamed_case:
             # The case is run with stream=True, where prompt flow's `flow test` never streams a DAG's llm node.
             body.pop("stream", None)
-        calls.append(json.dumps({"path": request["path"], "body": body}, sort_keys=True))
-    return sorted(calls)
+        calls.append({"path": request["path"], "body": body})
+    return sorted(calls, key=lambda c: c["path"] + json.dumps(c["body"], sort_keys=True))
+
+
+def _node_statuses(node_events: list[Any]) -> dict[str, str]:
+    """Each node's final status, named as prompt flow's node runs name them."""
+    names = {events.NodeCompleted: "Completed", events.NodeBypassed: "Bypassed", events.NodeFailed: "Failed"}
+    return {e.node: names[type(e)] for e in node_events if type(e) in names}
 
 
 def _check_stream_chunks(result: Any) -> None:

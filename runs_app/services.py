@@ -1,0 +1,1685 @@
+"""Writes of the runs app: datasets, run submission, chunk execution on Celery workers, cancel, resume.
+
+How a run executes (DESIGN.md "Execution modes"):
+
+- `run_create` resolves the column mapping once (refusing a bad one before anything is stored), stores the
+  Run with an immutable snapshot, splits its line numbers into RunChunk rows and enqueues one Celery task
+  per chunk when the transaction commits.
+- A chunk task (`run_execute_chunk`) claims its chunk with a conditional update, materialises the snapshot
+  locally (cached by hash, read from the database only), starts or reuses ONE runner process for the run and
+  runs the chunk's missing lines concurrently in it. Line results are written once per (run, line number);
+  a chunk delivered again after its worker died computes only what is still missing.
+- The chunk that finishes last claims the aggregation on the run with a conditional update, so it runs once.
+- Heartbeats on chunks and runs let `run_reap_stale` requeue the chunks of dead workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import queue
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.db import connection as db_connection
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from runs_app import streaming
+from runs_app.models import (
+    ACTIVE_STATUSES,
+    ChunkStatus,
+    Dataset,
+    LineResult,
+    LineStatus,
+    Run,
+    RunChunk,
+    RunLog,
+    RunStatus,
+)
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser
+
+    from flowengine.model import Flow as EngineFlow
+    from flows_app.models import Flow, FlowVersion, Snapshot
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 32
+MAX_CONCURRENCY = 512
+DEFAULT_LINE_TIMEOUT = 600
+# Sync tools of the lines in flight share one thread pool in the runner; each thread reserves address space
+# that the runner's memory limit counts, so the pool stays smaller than the lines in flight.
+MAX_TOOL_THREADS = 64
+# A chunk claimed this many times without finishing (its workers kept dying) fails its missing lines.
+MAX_CHUNK_ATTEMPTS = 5
+# A line whose runner died while it ran is retried alone; this many deaths fail it with the runner's reason.
+MAX_LINE_DEATHS = 3
+FLUSH_SECONDS = 0.5
+FLUSH_LINES = 200
+WRITE_BATCH = 100
+DATASET_PREVIEW_ROWS = 20
+DATA_SUFFIXES = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".json": "json"}
+# The events a batch line sends back: results, logs, spans for the line's trace.
+LINE_EVENTS = ("line_completed", "log", "error", "trace_span")
+DEATH_TYPES = ("RunnerDied", "RunnerStopped")
+
+
+def _setting(name: str, default: Any) -> Any:
+    return getattr(settings, name, default)
+
+
+def heartbeat_seconds() -> float:
+    """How often a running chunk writes its heartbeat."""
+    return float(_setting("STUDIO_RUN_HEARTBEAT_SECONDS", 2))
+
+
+def stale_seconds() -> float:
+    """A running chunk whose heartbeat is older than this belongs to a dead worker."""
+    return float(_setting("STUDIO_RUN_STALE_SECONDS", 30))
+
+
+def requeue_seconds() -> float:
+    """A queued chunk waiting longer than this is enqueued again (the broker may have lost its message)."""
+    return float(_setting("STUDIO_RUN_REQUEUE_SECONDS", 300))
+
+
+def reaper_interval_seconds() -> float:
+    """How often each worker runs `run_reap_stale`."""
+    return float(_setting("STUDIO_RUN_REAPER_SECONDS", 15))
+
+
+class DatasetError(ValueError):
+    """A data file cannot be used; `.problems` names every broken line as `file:line: message`."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class RunError(ValueError):
+    """A run cannot be created or changed; `.field` names the field at fault when there is one."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# --- datasets -------------------------------------------------------------------------------------------
+
+
+def dataset_parse(*, filename: str, data: bytes) -> tuple[str, list[dict[str, Any]]]:
+    """The format and rows of a data file; raises DatasetError naming every broken line of `filename`."""
+    from flowengine.batch import DataError, load_data
+
+    name = Path(filename or "data.jsonl").name
+    suffix = Path(name).suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise DatasetError([f"{name}: a dataset must be a .jsonl, .csv, .tsv or .json file"])
+    if not data.strip():
+        raise DatasetError([f"{name}: the file is empty"])
+    with tempfile.TemporaryDirectory(prefix="flowstudio-dataset-") as folder:
+        path = Path(folder) / f"data{suffix}"
+        path.write_bytes(data)
+        try:
+            rows = load_data(path)
+        except DataError as exc:
+            raise DatasetError([p.replace(str(path), name) for p in exc.problems]) from None
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise DatasetError([f"{name}:{line}: line {line} is not valid UTF-8"]) from None
+    if not rows:
+        raise DatasetError([f"{name}: the file has no rows"])
+    return DATA_SUFFIXES[suffix], rows
+
+
+def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            seen.setdefault(str(key), None)
+    return list(seen)
+
+
+@transaction.atomic
+def dataset_create(
+    *, owner: AbstractBaseUser, name: str, filename: str, data: bytes, team: Any = None
+) -> Dataset:
+    """Validate every line of a jsonl/csv file, then store it as a blob; nothing is stored on error."""
+    from flows_app.services import snapshot_from_files
+
+    if team is not None:
+        from accounts_app.selectors import user_team_ids
+
+        if team.pk not in set(user_team_ids(owner)):
+            raise RunError(f"You are not a member of team '{team}'.", field="team")
+    fmt, rows = dataset_parse(filename=filename, data=data)
+    base = Path(filename).name
+    # A one-file snapshot stores the content as a deduplicated blob through the storage service.
+    snapshot = snapshot_from_files(files={f"data{Path(base).suffix.lower()}": data})
+    blob_sha = next(iter(snapshot.manifest.values()))
+    dataset = Dataset.objects.create(
+        owner=owner,
+        team=team,
+        name=(name or Path(base).stem)[:200],
+        filename=base[:255],
+        blob_id=blob_sha,
+        format=fmt,
+        size=len(data),
+        row_count=len(rows),
+        columns=_columns(rows),
+    )
+    _rows_cache_put(blob_sha, fmt, rows)
+    return dataset
+
+
+def dataset_delete(*, user: AbstractBaseUser, dataset: Dataset) -> None:
+    """Delete a dataset its owner no longer needs; refused while a run refers to it."""
+    if dataset.owner_id != user.pk:
+        raise RunError("Only the owner of a dataset may delete it.")
+    if dataset.runs.exists():
+        raise RunError(f"Dataset '{dataset.name}' is used by runs; delete those runs first.")
+    dataset.delete()
+
+
+_ROWS_CACHE: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+_ROWS_LOCK = threading.Lock()
+_ROWS_CACHE_SIZE = 4
+
+
+def _rows_cache_put(blob_sha: str, fmt: str, rows: list[dict[str, Any]]) -> None:
+    with _ROWS_LOCK:
+        _ROWS_CACHE[f"{blob_sha}.{fmt}"] = rows
+        _ROWS_CACHE.move_to_end(f"{blob_sha}.{fmt}")
+        while len(_ROWS_CACHE) > _ROWS_CACHE_SIZE:
+            _ROWS_CACHE.popitem(last=False)
+
+
+def dataset_rows(dataset: Dataset) -> list[dict[str, Any]]:
+    """Every row of the dataset, parsed once per process (a blob never changes)."""
+    from flows_app.models import Blob
+
+    key = f"{dataset.blob_id}.{dataset.format}"
+    with _ROWS_LOCK:
+        rows = _ROWS_CACHE.get(key)
+        if rows is not None:
+            _ROWS_CACHE.move_to_end(key)
+            return rows
+    data = bytes(Blob.objects.values_list("data", flat=True).get(sha256=dataset.blob_id))
+    _, rows = dataset_parse(filename=f"{dataset.name}.{dataset.format}", data=data)
+    _rows_cache_put(dataset.blob_id, dataset.format, rows)
+    return rows
+
+
+# --- run submission --------------------------------------------------------------------------------------
+
+
+def _load_engine_flow(snapshot_sha: str) -> EngineFlow:
+    from flowengine import load_flow
+    from flows_app.services import snapshot_materialize
+
+    return load_flow(snapshot_materialize(snapshot_sha=snapshot_sha))
+
+
+def _check_flow(flow: EngineFlow, variant: str | None) -> EngineFlow:
+    from flowengine import FlowValidationError, validate
+
+    problems = validate(flow)
+    if problems:
+        raise RunError("The flow is not valid:\n" + "\n".join(str(p) for p in problems), field="flow")
+    try:
+        return flow.with_variant(variant) if variant else flow
+    except FlowValidationError as exc:
+        raise RunError("; ".join(str(p) for p in exc.problems), field="variant") from None
+
+
+def _base_lines(base_run: Run) -> Any:
+    """What `${run.outputs.x}` / `${run.inputs.x}` read: the completed lines of the base run."""
+    from flowengine.batch import BaseRunLines
+
+    outputs: dict[int, dict[str, Any]] = {}
+    inputs: dict[int, dict[str, Any]] = {}
+    rows = dataset_rows(base_run.dataset) if base_run.dataset_id else None
+    completed = LineResult.objects.filter(run=base_run, status=LineStatus.COMPLETED).order_by("line_number")
+    for number, line_outputs, line_inputs in completed.values_list("line_number", "outputs", "inputs"):
+        outputs[number] = dict(line_outputs or {})
+        # `${run.inputs.x}` reads the base run's data row, as local `flowstudio run create` does.
+        inputs[number] = dict(rows[number]) if rows is not None and number < len(rows) else dict(line_inputs)
+    return BaseRunLines(name=base_run.name, outputs=outputs, inputs=inputs)
+
+
+def _resolve(
+    *,
+    flow: EngineFlow,
+    rows: list[dict[str, Any]] | None,
+    mapping: Mapping[str, Any] | None,
+    base: Any,
+    data_name: str,
+) -> list[tuple[int, dict[str, Any]]]:
+    from flowengine.batch import MappingError, resolve_lines
+
+    try:
+        return resolve_lines(
+            flow_inputs=flow.inputs, data=rows, mapping=mapping, base=base, data_name=data_name
+        )
+    except MappingError as exc:
+        raise RunError(str(exc), field="column_mapping") from None
+
+
+def _default_name(flow_name: str, kind: str, variant: str | None) -> str:
+    from flowengine.runs import default_run_name
+
+    name = default_run_name(Path(flow_name or "flow"), kind, variant)
+    while Run.objects.filter(name=name).exists():
+        name = f"{name}_{uuid.uuid4().hex[:4]}"
+    return name
+
+
+def _chunk_size(total: int, concurrency: int) -> int:
+    """50 to 200 lines, rounded to whole multiples of the lines in flight so no wave runs half empty."""
+    base = 50 if total <= 1000 else 100 if total <= 10000 else 200
+    if concurrency >= base:
+        return min(concurrency, 1000)
+    return max(1, round(base / concurrency)) * concurrency
+
+
+def _node_connection_overrides(
+    files: dict[str, bytes], flow_file: str, overrides: Mapping[str, Any]
+) -> dict[str, bytes]:
+    """The snapshot files with run.yml `connections` baked into the DAG (node -> {connection, deployment_name})."""
+    import yaml
+
+    data = yaml.safe_load(files[flow_file].decode("utf-8")) or {}
+    nodes = list(data.get("nodes") or [])
+    for variants in (data.get("node_variants") or {}).values():
+        for variant in (variants.get("variants") or {}).values():
+            if isinstance(variant.get("node"), dict):
+                nodes.append(variant["node"])
+    by_connection = {str(k): str(v) for k, v in overrides.items() if isinstance(v, str)}
+    for key, value in overrides.items():
+        if isinstance(value, str):
+            continue
+        if not isinstance(value, Mapping):
+            raise RunError(f"connections: '{key}' must map to {{connection: name}}", field="connections")
+        targets = [n for n in nodes if n.get("name") == key]
+        if not targets:
+            raise RunError(f"connections: the flow has no node '{key}'", field="connections")
+        for node in targets:
+            for name, setting in value.items():
+                if name == "connection":
+                    node["connection"] = setting
+                else:
+                    node.setdefault("inputs", {})[name] = setting
+    if by_connection:
+        # The studio's form maps a connection name the flow uses to another connection of the user's.
+        for node in nodes:
+            if node.get("connection") in by_connection:
+                node["connection"] = by_connection[node["connection"]]
+    changed = dict(files)
+    changed[flow_file] = yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode("utf-8")
+    return changed
+
+
+def _snapshot_with_overrides(snapshot: Snapshot, flow: EngineFlow, overrides: Mapping[str, Any]) -> Snapshot:
+    from flows_app.services import snapshot_files, snapshot_from_files
+
+    if not overrides:
+        return snapshot
+    if flow.kind != "dag":
+        raise RunError("connections overrides apply to the nodes of DAG flows only", field="connections")
+    return snapshot_from_files(
+        files=_node_connection_overrides(snapshot_files(snapshot=snapshot), flow.file, overrides)
+    )
+
+
+def _copy_lines(*, source: Run, target: Run, exclude: set[int]) -> int:
+    """Copy the source run's completed line results into `target` (resume, rerun); returns how many."""
+    copied = 0
+    batch: list[LineResult] = []
+    completed = LineResult.objects.filter(run=source, status=LineStatus.COMPLETED).order_by("line_number")
+    for line in completed.iterator(chunk_size=1000):
+        if line.line_number in exclude:
+            continue
+        batch.append(
+            LineResult(
+                run=target,
+                line_number=line.line_number,
+                status=line.status,
+                inputs=line.inputs,
+                outputs=line.outputs,
+                error=line.error,
+                duration_ms=line.duration_ms,
+                usage=line.usage,
+                aggregation_inputs=line.aggregation_inputs,
+                trace=line.trace,
+            )
+        )
+        if len(batch) >= 500:
+            LineResult.objects.bulk_create(batch, ignore_conflicts=True)
+            copied += len(batch)
+            batch = []
+    if batch:
+        LineResult.objects.bulk_create(batch, ignore_conflicts=True)
+        copied += len(batch)
+    return copied
+
+
+@transaction.atomic
+def run_create(
+    *,
+    user: AbstractBaseUser,
+    flow_version: FlowVersion | None = None,
+    snapshot: Snapshot | None = None,
+    flow: Flow | None = None,
+    dataset: Dataset | None = None,
+    data_path: str | None = None,
+    column_mapping: Mapping[str, Any] | None = None,
+    variant: str | None = None,
+    base_run: Run | None = None,
+    name: str | None = None,
+    display_name: str = "",
+    connections: Mapping[str, Any] | None = None,
+    environment_variables: Mapping[str, Any] | None = None,
+    init: Mapping[str, Any] | None = None,
+    concurrency: int | None = None,
+    line_timeout: int | None = None,
+    tags: Mapping[str, Any] | None = None,
+    description: str = "",
+    resumed_from: Run | None = None,
+    reuse_lines_from: Run | None = None,
+    rerun_lines: Iterable[int] | None = None,
+) -> Run:
+    """Submit a batch run (dataset) or an evaluation run (`base_run`) of a flow version or bare snapshot.
+
+    The column mapping is resolved against every line now, so a mapping that does not fit is refused before
+    anything is stored. Chunk tasks are enqueued when the transaction commits. With `reuse_lines_from`, that
+    run's completed lines (except `rerun_lines`) are copied and only the others run.
+    """
+    if flow_version is not None:
+        snapshot = flow_version.snapshot
+        flow = flow_version.flow
+    if snapshot is None:
+        raise RunError("a run needs a flow version or a snapshot", field="flow")
+    if base_run is not None and base_run.status != RunStatus.COMPLETED:
+        raise RunError(
+            f"run '{base_run.name}' has status {base_run.status}; only a Completed run can be evaluated",
+            field="run",
+        )
+    if data_path:
+        from flows_app.services import FlowPathError, snapshot_file_read
+
+        try:
+            data = snapshot_file_read(snapshot=snapshot, path=data_path)
+        except FlowPathError as exc:
+            raise RunError(f"data: {exc}", field="data") from None
+        try:
+            dataset = dataset_create(
+                owner=user, name=f"{flow.name if flow else 'flow'}/{data_path}", filename=data_path, data=data
+            )
+        except DatasetError as exc:
+            raise RunError(str(exc), field="data") from None
+    if dataset is None and base_run is None:
+        raise RunError("a run needs data (a dataset or a data file of the flow) or a base run", field="data")
+    engine_flow = _check_flow(_load_engine_flow(snapshot.sha256), variant)
+    snapshot = _snapshot_with_overrides(snapshot, engine_flow, dict(connections or {}))
+    rows = dataset_rows(dataset) if dataset is not None else None
+    base = _base_lines(base_run) if base_run is not None else None
+    lines = _resolve(
+        flow=engine_flow,
+        rows=rows,
+        mapping=dict(column_mapping or {}) or None,
+        base=base,
+        data_name=dataset.filename if dataset is not None else "data",
+    )
+    env = {str(k): str(v) for k, v in (environment_variables or {}).items()}
+    if concurrency is None and env.get("PF_WORKER_COUNT", "").isdigit():
+        concurrency = int(env["PF_WORKER_COUNT"])
+    concurrency = max(
+        1, min(int(concurrency or _setting("STUDIO_RUN_CONCURRENCY", DEFAULT_CONCURRENCY)), MAX_CONCURRENCY)
+    )
+    line_timeout = max(
+        1, int(line_timeout or _setting("STUDIO_RUNNER_TIMEOUT_SECONDS", DEFAULT_LINE_TIMEOUT))
+    )
+    name = (name or "").strip()
+    if name and Run.objects.filter(name=name).exists():
+        raise RunError(f"a run named '{name}' already exists; choose another name", field="name")
+    numbers = [n for n, _ in lines]
+    size = _chunk_size(len(numbers), concurrency)
+    run = Run.objects.create(
+        name=name or _default_name(flow.name if flow else "flow", engine_flow.kind, variant),
+        display_name=display_name or "",
+        description=description or "",
+        tags={str(k): str(v) for k, v in (tags or {}).items()},
+        owner=user,
+        flow=flow,
+        flow_version=flow_version,
+        snapshot=snapshot,
+        flow_kind=engine_flow.kind,
+        dataset=dataset,
+        column_mapping=dict(column_mapping or {}),
+        variant=variant or "",
+        base_run=base_run,
+        resumed_from=resumed_from,
+        connections=dict(connections or {}),
+        environment_variables=env,
+        init=dict(init or {}),
+        concurrency=concurrency,
+        line_timeout=line_timeout,
+        chunk_size=size,
+        total_lines=len(numbers),
+    )
+    if not run.display_name:
+        run.display_name = run.name
+        run.save(update_fields=["display_name"])
+    existing: set[int] = set()
+    if reuse_lines_from is not None:
+        _copy_lines(source=reuse_lines_from, target=run, exclude=set(rerun_lines or ()))
+        existing = set(LineResult.objects.filter(run=run).values_list("line_number", flat=True))
+    now = timezone.now()
+    chunks = []
+    for index, begin in enumerate(range(0, len(numbers), size)):
+        part = numbers[begin : begin + size]
+        done = all(n in existing for n in part)
+        chunks.append(
+            RunChunk(
+                run=run,
+                index=index,
+                start=part[0],
+                stop=part[-1] + 1,
+                status=ChunkStatus.DONE if done else ChunkStatus.QUEUED,
+                enqueued_at=None if done else now,
+                finished_at=now if done else None,
+            )
+        )
+    RunChunk.objects.bulk_create(chunks, batch_size=500)
+    run_log_write(run=run, text=_submit_summary(run, len(existing)))
+    queued = list(RunChunk.objects.filter(run=run, status=ChunkStatus.QUEUED).values_list("pk", flat=True))
+    if queued:
+        transaction.on_commit(lambda: _enqueue_chunks(queued))
+    else:
+        # Nothing left to compute (no lines, or every line copied): aggregate and finish right away.
+        Run.objects.filter(pk=run.pk).update(aggregation_claimed_at=now, started_at=now)
+        transaction.on_commit(lambda: _enqueue_aggregate(run.pk))
+    return run
+
+
+def _submit_summary(run: Run, reused: int) -> str:
+    what = f"evaluation of run {run.base_run.name}" if run.base_run_id else "batch run"
+    text = (
+        f"{what} {run.name}: {run.total_lines} lines in chunks of {run.chunk_size}, "
+        f"{run.concurrency} lines in flight per chunk, snapshot {run.snapshot_id[:12]}"
+    )
+    if reused:
+        text += (
+            f"; {reused} completed lines reused from run {run.resumed_from.name if run.resumed_from else ''}"
+        )
+    return text
+
+
+def _enqueue_chunks(chunk_ids: Sequence[int]) -> None:
+    from runs_app.tasks import run_chunk_task
+
+    for chunk_id in chunk_ids:
+        run_chunk_task.delay(chunk_id)
+
+
+def _enqueue_aggregate(run_id: uuid.UUID | str) -> None:
+    from runs_app.tasks import run_aggregate_task
+
+    run_aggregate_task.delay(str(run_id))
+
+
+def _rel(value: Any, base: str) -> str:
+    return value if os.path.isabs(value) else os.path.normpath(os.path.join(base, value)).replace(os.sep, "/")
+
+
+def _folder_files(files: Mapping[str, bytes], folder: str) -> dict[str, bytes]:
+    prefix = folder.strip("/") + "/" if folder.strip("/.") else ""
+    return {path[len(prefix) :]: data for path, data in files.items() if path.startswith(prefix)}
+
+
+def run_yaml_parse(run_yml: bytes) -> dict[str, Any]:
+    """The fields of a prompt flow run.yml; RunError names the line of a YAML error."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(run_yml.decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise RunError("run.yml is not UTF-8 text", field="run_yml") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise RunError(
+            f"run.yml{where}: not valid YAML: {getattr(exc, 'problem', exc)}", field="run_yml"
+        ) from None
+    if not isinstance(data, dict):
+        raise RunError("run.yml must be a mapping of run fields", field="run_yml")
+    return data
+
+
+def run_create_from_yaml(
+    *, user: AbstractBaseUser, run_yml: bytes, files: Mapping[str, bytes] | None = None, **overrides: Any
+) -> Run:
+    """Submit a run described by prompt flow's run.yml.
+
+    `flow` is `name`, `name@version` (a studio flow the user can see) or a folder among `files` (paths
+    relative to the run.yml, e.g. an uploaded folder); `data` is a file among `files`, a file of the flow, or
+    `dataset:<id>`; `run` names the base run. `environment_variables` and `init` may name files among `files`.
+    """
+    from flows_app.services import snapshot_from_files
+
+    spec = run_yaml_parse(run_yml)
+    spec.update({k: v for k, v in overrides.items() if v is not None})
+    files = dict(files or {})
+    flow_ref = spec.get("flow")
+    if not isinstance(flow_ref, str) or not flow_ref.strip():
+        raise RunError("run.yml: 'flow' is required", field="flow")
+    flow_version = None
+    snapshot = None
+    folder_files = _folder_files(files, _rel(flow_ref, ".")) if files else {}
+    if folder_files:
+        snapshot = snapshot_from_files(files=folder_files)
+    else:
+        flow_version = _flow_version_by_ref(user, flow_ref)
+    dataset = None
+    data_path = None
+    data_ref = spec.get("data")
+    if isinstance(data_ref, str) and data_ref.strip():
+        data_ref = data_ref.strip()
+        if data_ref.startswith("dataset:"):
+            from runs_app.selectors import dataset_get_for
+
+            dataset = dataset_get_for(user, data_ref.removeprefix("dataset:"))
+        elif _rel(data_ref, ".") in files:
+            try:
+                dataset = dataset_create(
+                    owner=user, name=Path(data_ref).stem, filename=data_ref, data=files[_rel(data_ref, ".")]
+                )
+            except DatasetError as exc:
+                raise RunError(str(exc), field="data") from None
+        else:
+            prefix = _rel(flow_ref, ".").strip("/.") + "/"
+            inside = _rel(data_ref, ".")
+            data_path = inside[len(prefix) :] if inside.startswith(prefix) else data_ref
+    base_run = None
+    if spec.get("run"):
+        from runs_app.selectors import run_get_for
+
+        base_run = run_get_for(user, str(spec["run"]))
+    env = spec.get("environment_variables") or {}
+    if isinstance(env, str):
+        if _rel(env, ".") not in files:
+            raise RunError(
+                f"environment_variables: file '{env}' was not uploaded", field="environment_variables"
+            )
+        env = _dotenv(files[_rel(env, ".")].decode("utf-8"))
+    init = spec.get("init") or {}
+    if isinstance(init, str):
+        if _rel(init, ".") not in files:
+            raise RunError(f"init: file '{init}' was not uploaded", field="init")
+        init = json.loads(files[_rel(init, ".")].decode("utf-8"))
+    for key in ("column_mapping", "connections", "tags", "environment_variables", "init"):
+        value = (
+            spec.get(key)
+            if key not in ("environment_variables", "init")
+            else {"environment_variables": env, "init": init}[key]
+        )
+        if value is not None and not isinstance(value, Mapping):
+            raise RunError(f"run.yml: '{key}' must be a mapping", field=key)
+    mapping = {str(k): v for k, v in (spec.get("column_mapping") or {}).items()}
+    return run_create(
+        user=user,
+        flow_version=flow_version,
+        snapshot=snapshot,
+        dataset=dataset,
+        data_path=data_path,
+        column_mapping=mapping,
+        variant=spec.get("variant"),
+        base_run=base_run,
+        name=spec.get("name"),
+        display_name=spec.get("display_name") or "",
+        description=spec.get("description") or "",
+        tags=spec.get("tags") or {},
+        connections=spec.get("connections") or {},
+        environment_variables=env,
+        init=init,
+        concurrency=spec.get("concurrency"),
+        line_timeout=spec.get("line_timeout"),
+    )
+
+
+def _dotenv(text: str) -> dict[str, str]:
+    values = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        values[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+    return values
+
+
+def _flow_version_by_ref(user: AbstractBaseUser, ref: str) -> FlowVersion:
+    """`name` (head) or `name@number` of a studio flow the user can see."""
+    from django.http import Http404
+
+    from flows_app.selectors import flow_list_for, flow_version_get_for
+
+    name, _, number = ref.strip().partition("@")
+    # The user's own flow of that name wins over flows shared with them.
+    flow = flow_list_for(user).filter(name=name, owner=user).first()
+    flow = flow or flow_list_for(user).filter(name=name).order_by("id").first()
+    if flow is None:
+        raise RunError(
+            f"flow: you have no flow named '{name}' (upload the folder with the run.yml instead)",
+            field="flow",
+        )
+    try:
+        return flow_version_get_for(user, flow.pk, int(number) if number else None)
+    except (Http404, ValueError):
+        raise RunError(f"flow: flow '{name}' has no version '{number}'", field="flow") from None
+
+
+# --- run actions ---------------------------------------------------------------------------------------------
+
+
+def _require_owner(user: AbstractBaseUser, run: Run, action: str) -> None:
+    if run.owner_id != user.pk:
+        from django.core.exceptions import PermissionDenied
+
+        raise PermissionDenied(f"Only the owner of run {run.name} may {action} it.")
+
+
+def run_cancel(*, user: AbstractBaseUser, run: Run) -> Run:
+    """Cancel a run: queued chunks never start, running ones stop within seconds. Idempotent."""
+    _require_owner(user, run, "cancel")
+    now = timezone.now()
+    with transaction.atomic():
+        RunChunk.objects.filter(run=run, status=ChunkStatus.QUEUED).update(
+            status=ChunkStatus.CANCELED, finished_at=now
+        )
+        Run.objects.filter(
+            pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.PREPARING, RunStatus.RUNNING]
+        ).update(status=RunStatus.CANCELING)
+    if Run.objects.filter(pk=run.pk, status=RunStatus.CANCELING).exists():
+        run_log_write(run=run, text="cancel requested")
+    _finish_cancel(run.pk)
+    run.refresh_from_db()
+    streaming.publish_progress(run, force=True)
+    return run
+
+
+def _finish_cancel(run_id: Any) -> bool:
+    """Canceling -> Canceled once no chunk is running any more."""
+    if RunChunk.objects.filter(run_id=run_id, status=ChunkStatus.RUNNING).exists():
+        return False
+    changed = Run.objects.filter(pk=run_id, status=RunStatus.CANCELING).update(
+        status=RunStatus.CANCELED, finished_at=timezone.now()
+    )
+    if changed:
+        _recount(run_id)
+        run = Run.objects.get(pk=run_id)
+        run_log_write(run=run, text="run canceled")
+        streaming.publish_progress(run, force=True)
+    return bool(changed)
+
+
+def _same_run_kwargs(run: Run) -> dict[str, Any]:
+    return {
+        "flow_version": run.flow_version if run.flow_version_id else None,
+        "snapshot": run.snapshot,
+        "flow": run.flow,
+        "dataset": run.dataset,
+        "column_mapping": run.column_mapping,
+        "variant": run.variant or None,
+        "base_run": run.base_run,
+        "environment_variables": run.environment_variables,
+        "init": run.init,
+        "concurrency": run.concurrency,
+        "line_timeout": run.line_timeout,
+        "tags": run.tags,
+        "description": run.description,
+    }
+
+
+def run_resume(*, user: AbstractBaseUser, run: Run, name: str | None = None) -> Run:
+    """A new run linked to `run` that reuses its completed lines and computes only failed or missing ones."""
+    _require_owner(user, run, "resume")
+    if run.is_active:
+        raise RunError(
+            f"run {run.name} is still {run.status}; cancel it or wait before resuming", field="run"
+        )
+    return _rerun(user=user, run=run, name=name, rerun=())
+
+
+def run_rerun_lines(
+    *, user: AbstractBaseUser, run: Run, line_numbers: Iterable[int], name: str | None = None
+) -> Run:
+    """A new run linked to `run` that computes `line_numbers` again (plus failed or missing lines)."""
+    _require_owner(user, run, "rerun")
+    if run.is_active:
+        raise RunError(f"run {run.name} is still {run.status}; wait before rerunning lines", field="run")
+    numbers = sorted({int(n) for n in line_numbers})
+    if not numbers:
+        raise RunError("choose at least one line to rerun", field="line_numbers")
+    return _rerun(user=user, run=run, name=name, rerun=numbers)
+
+
+def _rerun(*, user: AbstractBaseUser, run: Run, name: str | None, rerun: Sequence[int]) -> Run:
+    if run.base_run_id and run.base_run.status != RunStatus.COMPLETED:
+        raise RunError(f"the base run {run.base_run.name} is no longer Completed", field="run")
+    kwargs = _same_run_kwargs(run)
+    kwargs.pop("flow_version")
+    run_new = run_create(
+        user=user,
+        name=name,
+        display_name=f"{run.display_name or run.name} (resumed)"
+        if not rerun
+        else f"{run.display_name or run.name} (rerun)",
+        resumed_from=run,
+        reuse_lines_from=run,
+        rerun_lines=rerun,
+        **kwargs,
+    )
+    if run.flow_version_id:
+        Run.objects.filter(pk=run_new.pk).update(flow_version=run.flow_version_id)
+        run_new.refresh_from_db()
+    return run_new
+
+
+def run_clone(*, user: AbstractBaseUser, run: Run, **changes: Any) -> Run:
+    """A new run with the same settings as `run`, changed by `changes` (any `run_create` argument)."""
+    kwargs = _same_run_kwargs(run)
+    if "flow_version" in changes or "snapshot" in changes:
+        kwargs.pop("snapshot", None)
+    else:
+        # Same files: reuse the snapshot the run ran (its connection overrides are already in it).
+        kwargs.pop("flow_version")
+        kwargs["connections"] = {}
+    kwargs.update(changes)
+    run_new = run_create(user=user, **kwargs)
+    if "flow_version" not in changes and "snapshot" not in changes and run.flow_version_id:
+        Run.objects.filter(pk=run_new.pk).update(flow_version=run.flow_version_id)
+        run_new.refresh_from_db()
+    return run_new
+
+
+def run_evaluate(
+    *,
+    user: AbstractBaseUser,
+    run: Run,
+    flow_version: FlowVersion,
+    column_mapping: Mapping[str, Any],
+    **kw: Any,
+) -> Run:
+    """A new evaluation run over the finished `run` (which is not run again)."""
+    return run_create(
+        user=user,
+        flow_version=flow_version,
+        base_run=run,
+        column_mapping=column_mapping,
+        dataset=kw.pop("dataset", run.dataset),
+        **kw,
+    )
+
+
+def run_archive(*, user: AbstractBaseUser, run: Run, archived: bool = True) -> Run:
+    """Archive (hide from the default list) or restore a run."""
+    _require_owner(user, run, "archive")
+    Run.objects.filter(pk=run.pk).update(archived=archived)
+    run.archived = archived
+    return run
+
+
+def run_update(
+    *,
+    user: AbstractBaseUser,
+    run: Run,
+    display_name: str | None = None,
+    description: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> Run:
+    """Change a run's display name, description or tags (like `pf run update --set`)."""
+    _require_owner(user, run, "update")
+    fields = []
+    if display_name is not None:
+        run.display_name = display_name[:255]
+        fields.append("display_name")
+    if description is not None:
+        run.description = description
+        fields.append("description")
+    if tags is not None:
+        run.tags = {str(k): str(v) for k, v in tags.items()}
+        fields.append("tags")
+    if fields:
+        run.save(update_fields=fields)
+    return run
+
+
+def run_delete(*, user: AbstractBaseUser, run: Run) -> None:
+    """Delete a finished run with its lines, chunks and logs (irreversible)."""
+    _require_owner(user, run, "delete")
+    if run.is_active:
+        raise RunError(f"run {run.name} is {run.status}; cancel it before deleting it", field="run")
+    run.delete()
+
+
+def run_log_write(*, run: Run, text: str, line_number: int | None = None, stream: str = "system") -> None:
+    """Append one line to the run's log."""
+    RunLog.objects.create(run=run, time=timezone.now(), line_number=line_number, stream=stream, text=text)
+
+
+# --- counters ------------------------------------------------------------------------------------------------
+
+
+def _counts(run_id: Any) -> tuple[int, int]:
+    lines = LineResult.objects.filter(run_id=run_id)
+    return lines.count(), lines.filter(status=LineStatus.FAILED).count()
+
+
+def _recount(run_id: Any, **extra: Any) -> None:
+    done, failed = _counts(run_id)
+    Run.objects.filter(pk=run_id).update(done_lines=done, failed_lines=failed, **extra)
+
+
+def _sum_usage(usages: Iterable[Mapping[str, Any] | None]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for usage in usages:
+        for key, value in (usage or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + int(value)
+    return total
+
+
+# --- execution: one asyncio loop per worker process, one warm runner per run -----------------------------
+
+
+class _LoopThread:
+    """A daemon thread running one asyncio loop for this process; runners live on it between chunks."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.pid = os.getpid()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="runs-runner-loop", daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Any) -> concurrent.futures.Future[Any]:
+        """Run a coroutine on the loop; a thread-safe future of its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+_loop_thread: _LoopThread | None = None
+_loop_lock = threading.Lock()
+
+
+def _loop() -> _LoopThread:
+    global _loop_thread
+    with _loop_lock:
+        # A forked pool process inherits the parent's object but not its thread.
+        if _loop_thread is None or _loop_thread.pid != os.getpid() or not _loop_thread.thread.is_alive():
+            _loop_thread = _LoopThread()
+        return _loop_thread
+
+
+@dataclass
+class _Warm:
+    key: str
+    runner: Any
+    started: float
+
+
+# Only touched on the loop thread.
+_warm: dict[str, _Warm] = {}
+WARM_MAX_AGE_SECONDS = 600.0
+
+
+async def _close_warm(key: str | None = None) -> None:
+    for name in list(_warm):
+        if key is None or name == key:
+            warm = _warm.pop(name)
+            with contextlib.suppress(Exception):
+                await warm.runner.close()
+
+
+@dataclass
+class _RunnerSpec:
+    key: str
+    flow_dir: Path
+    connections: dict[str, Any]
+    variant: str | None
+    init: dict[str, Any]
+    environment_variables: dict[str, str]
+    concurrency: int
+    line_timeout: float
+
+
+async def _runner_for(spec: _RunnerSpec) -> Any:
+    """The warm runner of this run in this process, or a new one (closing runners of other runs)."""
+    from flowengine.runner import Limits
+    from flowengine.runner_client import RunnerProcess
+
+    warm = _warm.get(spec.key)
+    if (
+        warm is not None
+        and time.monotonic() - warm.started < WARM_MAX_AGE_SECONDS
+        and not warm.runner._expired
+    ):
+        return warm.runner
+    await _close_warm()
+    limits = Limits(
+        memory_mb=int(_setting("STUDIO_RUNNER_MEMORY_MB", 1024)),
+        cpu_seconds=int(_setting("STUDIO_RUNNER_CPU_SECONDS", 600)),
+        open_files=1024,
+        file_size_mb=1024,
+    )
+    runner = RunnerProcess(
+        env_mode="scrubbed",
+        limits=limits,
+        line_timeout=spec.line_timeout,
+        concurrency=max(spec.concurrency, 1),
+        max_concurrency=min(spec.concurrency, MAX_TOOL_THREADS),
+    )
+    try:
+        await runner.start(
+            spec.flow_dir,
+            spec.connections,
+            spec.variant,
+            spec.init,
+            environment_variables=spec.environment_variables,
+        )
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await runner.close()
+        raise
+    _warm[spec.key] = _Warm(key=spec.key, runner=runner, started=time.monotonic())
+    return runner
+
+
+def _error_dict(error: Any) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    return error.to_dict() if hasattr(error, "to_dict") else dict(error)
+
+
+async def _run_lines(
+    spec: _RunnerSpec,
+    lines: Sequence[tuple[int, dict[str, Any]]],
+    out: queue.Queue[tuple[str, Any]],
+    deaths: Mapping[int, int],
+) -> None:
+    """Run `lines` in the run's runner, `concurrency` at a time; results and logs go to `out`.
+
+    A line whose runner died under it is retried alone afterwards, so the line that kills the runner is
+    found; MAX_LINE_DEATHS deaths fail it with the runner's reason.
+    """
+    from flowengine import events
+
+    runner = await _runner_for(spec)
+
+    def on_log(_rid: str | None, ev: Any) -> None:
+        out.put(
+            ("log", {"line_number": ev.line_number, "stream": ev.stream, "text": ev.text, "node": ev.node})
+        )
+
+    runner.on_log = on_log
+    death_count = dict(deaths)
+    semaphore = asyncio.Semaphore(max(1, spec.concurrency))
+
+    async def one(number: int, inputs: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        completed = None
+        spans: list[dict[str, Any]] = []
+        async for ev in runner.run_line(inputs, line_number=number, event_types=LINE_EVENTS):
+            if isinstance(ev, events.LineCompleted):
+                completed = ev
+            elif isinstance(ev, events.TraceSpan):
+                spans.append(ev.to_dict())
+            elif isinstance(ev, events.LogLine):
+                on_log(None, ev)
+        assert completed is not None
+        error = completed.error
+        if completed.status != "Completed" and error is not None and error.type in DEATH_TYPES:
+            death_count[number] = death_count.get(number, 0) + 1
+            out.put(
+                ("death", {"line_number": number, "deaths": death_count[number], "message": error.message})
+            )
+            if death_count[number] < MAX_LINE_DEATHS:
+                return number, inputs
+            error = events.ErrorInfo(
+                code="SystemError",
+                type=error.type,
+                message=f"line {number} stopped its runner {death_count[number]} times: {error.message}",
+                node=error.node,
+                traceback=None,
+            )
+        out.put(
+            (
+                "line",
+                {
+                    "line_number": number,
+                    "status": completed.status,
+                    "inputs": inputs,
+                    "outputs": dict(completed.outputs or {}) if completed.status == "Completed" else {},
+                    "error": _error_dict(error) if completed.status != "Completed" else None,
+                    "duration_ms": float(completed.duration_ms or 0.0),
+                    "usage": dict(completed.usage or {}),
+                    "aggregation_inputs": dict(completed.aggregation_inputs or {}),
+                    "trace": spans,
+                },
+            )
+        )
+        return None
+
+    async def bounded(number: int, inputs: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        async with semaphore:
+            return await one(number, inputs)
+
+    try:
+        retry = [r for r in await asyncio.gather(*(bounded(n, i) for n, i in lines)) if r is not None]
+        # Alone, a line can only die of its own doing: innocent bystanders of a death complete here.
+        while retry:
+            again = []
+            for number, inputs in retry:
+                result = await one(number, inputs)
+                if result is not None:
+                    again.append(result)
+            retry = again
+    except asyncio.CancelledError:
+        # Canceled run or a lost claim: stop the runner now so no line keeps running.
+        await _close_warm(spec.key)
+        raise
+
+
+async def _aggregate_in_runner(
+    spec: _RunnerSpec, results: list[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
+    from flowengine import events
+
+    runner = await _runner_for(spec)
+    metrics: dict[str, Any] = {}
+    error = None
+    logs: list[str] = []
+    for ev in await runner.aggregate(results):
+        if isinstance(ev, events.Metrics):
+            metrics.update(ev.metrics or {})
+        elif isinstance(ev, events.ErrorEvent) and ev.error is not None:
+            error = ev.error.to_dict()
+        elif isinstance(ev, events.LogLine):
+            logs.append(ev.text)
+    return metrics, error, logs
+
+
+def _connection_names(flow: EngineFlow, init: Mapping[str, Any]) -> set[str]:
+    """Names a flow may use as connections: node connections, prompty's, and literal strings in inputs."""
+    names: set[str] = set()
+    nodes = list(flow.nodes)
+    for variants in flow.node_variants.values():
+        nodes.extend(v.node for v in variants.variants.values())
+    for node in nodes:
+        if node.connection:
+            names.add(node.connection)
+        for value in node.inputs.values():
+            if isinstance(value, str) and not value.startswith("${"):
+                names.add(value)
+    prompty = getattr(flow, "prompty", None)
+    configuration = getattr(prompty, "configuration", None) or {}
+    if isinstance(configuration, Mapping) and isinstance(configuration.get("connection"), str):
+        names.add(configuration["connection"])
+    for value in init.values():
+        if isinstance(value, str):
+            names.add(value)
+    if flow.kind != "dag":
+        # Flex code and prompty files name connections in places the model does not list.
+        names.add("*")
+    return names
+
+
+def _runner_connections(run: Run, flow: EngineFlow) -> dict[str, Any]:
+    """The run owner's connections the flow refers to, decrypted for the runner only."""
+    from flows_app.selectors import connection_list_for, connection_map_for_runner
+    from flows_app.services import connection_secrets_for_runner
+
+    names = _connection_names(flow, run.init)
+    if "*" in names:
+        names = set(connection_list_for(run.owner).values_list("name", flat=True))
+    found = connection_map_for_runner(run.owner, names=names)
+    return {name: connection_secrets_for_runner(conn) for name, conn in found.items()}
+
+
+def _chunk_lines(run: Run, chunk: RunChunk, flow: EngineFlow) -> list[tuple[int, dict[str, Any]]]:
+    """The (line number, inputs) of the chunk's range, after column mapping, exactly as run_create saw them."""
+    rows = dataset_rows(run.dataset) if run.dataset_id else None
+    base = _base_lines(run.base_run) if run.base_run_id else None
+    mapping = dict(run.column_mapping or {}) or None
+    data_name = run.dataset.filename if run.dataset_id else "data"
+    if rows is not None:
+        window = rows[chunk.start : chunk.stop]
+        shifted = None
+        if base is not None:
+            from flowengine.batch import BaseRunLines
+
+            shifted = BaseRunLines(
+                name=base.name,
+                outputs={
+                    n - chunk.start: v for n, v in base.outputs.items() if chunk.start <= n < chunk.stop
+                },
+                inputs={n - chunk.start: v for n, v in base.inputs.items() if chunk.start <= n < chunk.stop},
+            )
+        try:
+            lines = _resolve(flow=flow, rows=window, mapping=mapping, base=shifted, data_name=data_name)
+            return [(n + chunk.start, inputs) for n, inputs in lines]
+        except RunError:
+            pass  # a column that only other chunks' rows have: resolve over all rows (as run_create did)
+    lines = _resolve(flow=flow, rows=rows, mapping=mapping, base=base, data_name=data_name)
+    return [(n, inputs) for n, inputs in lines if chunk.start <= n < chunk.stop]
+
+
+def _claim(chunk_id: int, task_id: str) -> tuple[RunChunk, str] | None:
+    """Take the chunk: queued, or running under this same message (delivered again), or abandoned."""
+    now = timezone.now()
+    token = uuid.uuid4().hex
+    stale = now - dt.timedelta(seconds=stale_seconds())
+    takeable = Q(status=ChunkStatus.QUEUED) | Q(status=ChunkStatus.RUNNING, heartbeat_at__lt=stale)
+    if task_id:
+        takeable |= Q(status=ChunkStatus.RUNNING, task_id=task_id)
+    active_runs = Run.objects.filter(status__in=[RunStatus.QUEUED, RunStatus.PREPARING, RunStatus.RUNNING])
+    claimed = (
+        RunChunk.objects.filter(pk=chunk_id, run_id__in=active_runs.values("pk"))
+        .filter(takeable)
+        .update(
+            status=ChunkStatus.RUNNING,
+            task_id=task_id or "",
+            claim_token=token,
+            worker=_worker_name(),
+            claimed_at=now,
+            heartbeat_at=now,
+            attempts=F("attempts") + 1,
+        )
+    )
+    if not claimed:
+        return None
+    return RunChunk.objects.select_related("run", "run__dataset", "run__base_run", "run__owner").get(
+        pk=chunk_id
+    ), token
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _ChunkWriter:
+    """Buffers a chunk's results and logs and writes them in small batches from the task's thread."""
+
+    def __init__(self, run: Run, chunk: RunChunk, token: str) -> None:
+        self.run = run
+        self.chunk = chunk
+        self.token = token
+        self.lines: list[LineResult] = []
+        self.logs: list[RunLog] = []
+        self.last_flush = time.monotonic()
+        self.last_beat = 0.0
+        self.written = 0
+        self.failed_here = 0
+
+    def take(self, kind: str, item: dict[str, Any]) -> None:
+        now = timezone.now()
+        if kind == "line":
+            self.lines.append(LineResult(run_id=self.run.pk, **item))
+            if item["status"] != LineStatus.COMPLETED:
+                self.failed_here += 1
+                message = (item.get("error") or {}).get("message") or "failed"
+                self.logs.append(
+                    RunLog(
+                        run_id=self.run.pk,
+                        time=now,
+                        line_number=item["line_number"],
+                        stream="system",
+                        text=f"line {item['line_number']} failed: {message}",
+                    )
+                )
+        elif kind == "log":
+            node = f"[{item['node']}] " if item.get("node") else ""
+            self.logs.append(
+                RunLog(
+                    run_id=self.run.pk,
+                    time=now,
+                    line_number=item.get("line_number"),
+                    stream=item.get("stream") or "stdout",
+                    text=f"{node}{item.get('text', '')}",
+                )
+            )
+        elif kind == "death":
+            self.logs.append(
+                RunLog(
+                    run_id=self.run.pk,
+                    time=now,
+                    line_number=item["line_number"],
+                    stream="system",
+                    text=f"the runner stopped while line {item['line_number']} ran (death {item['deaths']} of {MAX_LINE_DEATHS}): {item['message'].splitlines()[0] if item['message'] else ''}",
+                )
+            )
+
+    def due(self) -> bool:
+        return len(self.lines) >= FLUSH_LINES or time.monotonic() - self.last_flush >= FLUSH_SECONDS
+
+    def flush(self) -> None:
+        if self.lines:
+            LineResult.objects.bulk_create(self.lines, ignore_conflicts=True, batch_size=WRITE_BATCH)
+            self.written += len(self.lines)
+            self.lines = []
+        if self.logs:
+            RunLog.objects.bulk_create(self.logs, batch_size=500)
+            self.logs = []
+        self.last_flush = time.monotonic()
+
+    def beat(self, *, force: bool = False) -> bool:
+        """Heartbeat chunk and run, refresh the counters; False when this execution must stop."""
+        now_m = time.monotonic()
+        if not force and now_m - self.last_beat < min(heartbeat_seconds(), FLUSH_SECONDS * 2):
+            return True
+        self.last_beat = now_m
+        now = timezone.now()
+        kept = RunChunk.objects.filter(
+            pk=self.chunk.pk, claim_token=self.token, status=ChunkStatus.RUNNING
+        ).update(heartbeat_at=now)
+        _recount(self.run.pk, heartbeat_at=now)
+        self.run.refresh_from_db(
+            fields=["status", "done_lines", "failed_lines", "tokens", "started_at", "finished_at", "error"]
+        )
+        streaming.publish_progress(self.run)
+        return bool(kept) and self.run.status == RunStatus.RUNNING
+
+
+def run_execute_chunk(*, chunk_id: int, task_id: str = "") -> None:
+    """Execute one chunk: claim it, compute its missing lines in one runner, write each result once.
+
+    Idempotent: a chunk that is done, canceled or held by a live execution is left alone; a chunk delivered
+    again after its worker died recomputes only the lines without a result.
+    """
+    claim = _claim(chunk_id, task_id)
+    if claim is None:
+        return
+    chunk, token = claim
+    run = chunk.run
+    try:
+        _execute_claimed(run, chunk, token)
+    finally:
+        # A long-lived worker must not keep a broken connection for the next task.
+        db_connection.close_if_unusable_or_obsolete()
+
+
+def _execute_claimed(run: Run, chunk: RunChunk, token: str) -> None:
+    from flowengine.runner_client import RunnerError
+
+    now = timezone.now()
+    if Run.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
+        status=RunStatus.PREPARING, started_at=now, heartbeat_at=now
+    ):
+        run.status = RunStatus.PREPARING
+        streaming.publish_progress(run, force=True)
+    existing = set(
+        LineResult.objects.filter(
+            run=run, line_number__gte=chunk.start, line_number__lt=chunk.stop
+        ).values_list("line_number", flat=True)
+    )
+    if chunk.attempts > MAX_CHUNK_ATTEMPTS:
+        _fail_lost_chunk(run, chunk, token, existing)
+        return
+    try:
+        engine_flow = _check_flow(_load_engine_flow(run.snapshot_id), None)
+        lines = [(n, inputs) for n, inputs in _chunk_lines(run, chunk, engine_flow) if n not in existing]
+        flow_dir = _flow_dir(run.snapshot_id)
+        spec = _RunnerSpec(
+            key=f"{run.pk}:{run.snapshot_id}",
+            flow_dir=flow_dir,
+            connections=_runner_connections(run, engine_flow) if lines else {},
+            variant=run.variant or None,
+            init=dict(run.init or {}),
+            environment_variables=dict(run.environment_variables or {}),
+            concurrency=run.concurrency,
+            line_timeout=float(run.line_timeout),
+        )
+    except RunError as exc:
+        _fail_run(run, {"code": "UserError", "type": "RunError", "message": str(exc)})
+        return
+    run_log_write(
+        run=run,
+        text=f"chunk {chunk.index} [{chunk.start}, {chunk.stop}) on {_worker_name()}, attempt {chunk.attempts}: {len(lines)} lines to run, {len(existing)} already done",
+    )
+    writer = _ChunkWriter(run, chunk, token)
+    if lines:
+        out: queue.Queue[tuple[str, Any]] = queue.Queue()
+        future = _loop().submit(_run_lines(spec, lines, out, {}))
+        Run.objects.filter(pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.PREPARING]).update(
+            status=RunStatus.RUNNING
+        )
+        writer.beat(force=True)
+        stopped = False
+        while True:
+            try:
+                kind, item = out.get(timeout=0.1)
+                writer.take(kind, item)
+                while True:
+                    try:
+                        kind, item = out.get_nowait()
+                    except queue.Empty:
+                        break
+                    writer.take(kind, item)
+            except queue.Empty:
+                pass
+            finished = future.done() and out.empty()
+            if writer.due() or finished:
+                writer.flush()
+                if not writer.beat(force=finished) and not finished:
+                    stopped = True
+                    future.cancel()
+                    break
+            if finished:
+                break
+        if stopped:
+            _stop_execution(run, chunk, token, future)
+            return
+        try:
+            future.result()
+        except RunnerError as exc:
+            writer.flush()
+            error = (
+                exc.error.to_dict()
+                if exc.error is not None
+                else {"code": "UserError", "type": "RunnerError", "message": str(exc)}
+            )
+            _fail_run(run, error)
+            return
+        writer.flush()
+    else:
+        Run.objects.filter(pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.PREPARING]).update(
+            status=RunStatus.RUNNING
+        )
+    tokens = _sum_usage(
+        LineResult.objects.filter(
+            run=run, line_number__gte=chunk.start, line_number__lt=chunk.stop
+        ).values_list("usage", flat=True)
+    )
+    finished_at = timezone.now()
+    done = RunChunk.objects.filter(pk=chunk.pk, claim_token=token, status=ChunkStatus.RUNNING).update(
+        status=ChunkStatus.DONE, finished_at=finished_at, heartbeat_at=finished_at, tokens=tokens
+    )
+    _recount(run.pk, heartbeat_at=finished_at)
+    if not done:
+        _finish_cancel(run.pk)
+        return
+    _maybe_aggregate(run.pk, spec)
+
+
+def _flow_dir(snapshot_sha: str) -> Path:
+    from flows_app.services import snapshot_materialize
+
+    return snapshot_materialize(snapshot_sha=snapshot_sha)
+
+
+def _stop_execution(run: Run, chunk: RunChunk, token: str, future: concurrent.futures.Future[Any]) -> None:
+    """Wait briefly for the canceled lines to let go, then mark the chunk canceled if it is still ours."""
+    with contextlib.suppress(Exception):
+        future.exception(timeout=10)
+    run.refresh_from_db(fields=["status"])
+    if run.status in (RunStatus.CANCELING, RunStatus.CANCELED, RunStatus.FAILED):
+        RunChunk.objects.filter(pk=chunk.pk, claim_token=token).update(
+            status=ChunkStatus.CANCELED, finished_at=timezone.now()
+        )
+        _finish_cancel(run.pk)
+
+
+def _fail_lost_chunk(run: Run, chunk: RunChunk, token: str, existing: set[int]) -> None:
+    """A chunk whose workers kept dying: its missing lines fail, naming why, and the run goes on."""
+    engine_flow = _load_engine_flow(run.snapshot_id)
+    message = (
+        f"the worker running lines [{chunk.start}, {chunk.stop}) was lost {chunk.attempts - 1} times; "
+        "these lines were not run again"
+    )
+    rows = []
+    for number, inputs in _chunk_lines(run, chunk, engine_flow):
+        if number in existing:
+            continue
+        rows.append(
+            LineResult(
+                run=run,
+                line_number=number,
+                status=LineStatus.FAILED,
+                inputs=inputs,
+                outputs={},
+                error={"code": "SystemError", "type": "WorkerLost", "message": message},
+            )
+        )
+    LineResult.objects.bulk_create(rows, ignore_conflicts=True, batch_size=WRITE_BATCH)
+    run_log_write(run=run, text=message)
+    now = timezone.now()
+    if RunChunk.objects.filter(pk=chunk.pk, claim_token=token).update(
+        status=ChunkStatus.DONE, finished_at=now
+    ):
+        _recount(run.pk)
+        _maybe_aggregate(run.pk, None)
+
+
+def _fail_run(run: Run, error: dict[str, Any]) -> None:
+    """The run cannot execute at all (its flow does not load): Failed, and no other chunk starts."""
+    now = timezone.now()
+    RunChunk.objects.filter(run=run, status__in=[ChunkStatus.QUEUED, ChunkStatus.RUNNING]).update(
+        status=ChunkStatus.CANCELED, finished_at=now
+    )
+    changed = Run.objects.filter(pk=run.pk, status__in=ACTIVE_STATUSES).update(
+        status=RunStatus.FAILED, error=error, finished_at=now
+    )
+    if changed:
+        _recount(run.pk)
+        run_log_write(run=run, text=f"run failed: {error.get('message')}")
+        run.refresh_from_db()
+        streaming.publish_progress(run, force=True)
+
+
+def _maybe_aggregate(run_id: Any, spec: _RunnerSpec | None) -> None:
+    """The chunk that sees every chunk done claims the aggregation (one conditional update) and runs it."""
+    if RunChunk.objects.filter(run_id=run_id).exclude(status=ChunkStatus.DONE).exists():
+        return
+    claimed = Run.objects.filter(
+        pk=run_id,
+        status__in=[RunStatus.QUEUED, RunStatus.PREPARING, RunStatus.RUNNING],
+        aggregation_claimed_at__isnull=True,
+    ).update(aggregation_claimed_at=timezone.now())
+    if claimed:
+        run_aggregate(run_id=run_id, spec=spec)
+
+
+def run_aggregate(*, run_id: Any, spec: Any = None) -> None:
+    """Run the flow's aggregation over the completed lines, store metrics and totals, complete the run.
+
+    Idempotent: a run that is no longer running is left alone; a repeated call recomputes the same metrics.
+    """
+    run = Run.objects.select_related("owner").filter(pk=run_id).first()
+    if run is None or run.status not in (RunStatus.QUEUED, RunStatus.PREPARING, RunStatus.RUNNING):
+        return
+    now = timezone.now()
+    Run.objects.filter(pk=run.pk).update(heartbeat_at=now)
+    metrics: dict[str, Any] = {}
+    error = None
+    engine_flow = _load_engine_flow(run.snapshot_id)
+    completed = LineResult.objects.filter(run=run, status=LineStatus.COMPLETED).order_by("line_number")
+    if engine_flow.has_aggregation and completed.exists():
+        results = [
+            {
+                "type": "line_completed",
+                "line_number": number,
+                "outputs": outputs,
+                "status": "Completed",
+                "error": None,
+                "aggregation_inputs": aggregation_inputs,
+                "duration_ms": 0.0,
+                "usage": {},
+                "inputs": inputs,
+            }
+            for number, outputs, aggregation_inputs, inputs in completed.values_list(
+                "line_number", "outputs", "aggregation_inputs", "inputs"
+            ).iterator(chunk_size=2000)
+        ]
+        if spec is None:
+            spec = _RunnerSpec(
+                key=f"{run.pk}:{run.snapshot_id}",
+                flow_dir=_flow_dir(run.snapshot_id),
+                connections=_runner_connections(run, engine_flow),
+                variant=run.variant or None,
+                init=dict(run.init or {}),
+                environment_variables=dict(run.environment_variables or {}),
+                concurrency=run.concurrency,
+                line_timeout=float(run.line_timeout),
+            )
+        future = _loop().submit(_aggregate_in_runner(spec, results))
+        while True:
+            try:
+                metrics, error, logs = future.result(timeout=heartbeat_seconds())
+                break
+            except concurrent.futures.TimeoutError:
+                Run.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
+            except Exception as exc:
+                error = {"code": "SystemError", "type": type(exc).__name__, "message": str(exc)}
+                logs = []
+                break
+        for text in logs:
+            run_log_write(run=run, text=text, stream="stdout")
+        if error:
+            run_log_write(run=run, text=f"aggregation failed: {error.get('message')}")
+    _loop().submit(_close_warm(f"{run.pk}:{run.snapshot_id}"))
+    done, failed = _counts(run.pk)
+    tokens = _sum_usage(
+        LineResult.objects.filter(run=run).values_list("usage", flat=True).iterator(chunk_size=2000)
+    )
+    finished = timezone.now()
+    # A run with failed lines is still Completed, as in prompt flow.
+    changed = Run.objects.filter(
+        pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.PREPARING, RunStatus.RUNNING]
+    ).update(
+        status=RunStatus.COMPLETED,
+        metrics=metrics,
+        error=error,
+        tokens=tokens,
+        done_lines=done,
+        failed_lines=failed,
+        finished_at=finished,
+        heartbeat_at=finished,
+        started_at=run.started_at or finished,
+    )
+    if changed:
+        run.refresh_from_db()
+        run_log_write(run=run, text=f"run completed: {done - failed} lines completed, {failed} failed")
+        streaming.publish_progress(run, force=True)
+
+
+# --- crash recovery -------------------------------------------------------------------------------------------
+
+
+def run_reap_stale(*, stale_after: float | None = None, requeue_after: float | None = None) -> int:
+    """Requeue chunks of dead workers and lost messages; finish cancels and aggregations nobody finished.
+
+    Safe to run from every worker at once: each change is a conditional update. Returns how many chunks or
+    runs it acted on.
+    """
+    from runs_app.tasks import run_chunk_task
+
+    now = timezone.now()
+    stale = now - dt.timedelta(seconds=stale_seconds() if stale_after is None else stale_after)
+    lost = now - dt.timedelta(seconds=requeue_seconds() if requeue_after is None else requeue_after)
+    acted = 0
+    active = [RunStatus.QUEUED, RunStatus.PREPARING, RunStatus.RUNNING]
+    dead = RunChunk.objects.filter(status=ChunkStatus.RUNNING).filter(
+        Q(heartbeat_at__lt=stale) | Q(heartbeat_at__isnull=True, claimed_at__lt=stale)
+    )
+    for chunk in dead.select_related("run"):
+        if chunk.run.status in (
+            RunStatus.CANCELING,
+            RunStatus.CANCELED,
+            RunStatus.FAILED,
+            RunStatus.COMPLETED,
+        ):
+            if RunChunk.objects.filter(
+                pk=chunk.pk, status=ChunkStatus.RUNNING, heartbeat_at=chunk.heartbeat_at
+            ).update(status=ChunkStatus.CANCELED, finished_at=now):
+                acted += 1
+                _finish_cancel(chunk.run_id)
+            continue
+        task_id = uuid.uuid4().hex
+        if RunChunk.objects.filter(
+            pk=chunk.pk, status=ChunkStatus.RUNNING, heartbeat_at=chunk.heartbeat_at
+        ).update(status=ChunkStatus.QUEUED, task_id=task_id, claim_token="", enqueued_at=now):
+            acted += 1
+            run_log_write(
+                run=chunk.run,
+                text=f"chunk {chunk.index}: worker {chunk.worker} stopped heartbeating; requeued",
+            )
+            transaction.on_commit(lambda c=chunk.pk, t=task_id: run_chunk_task.apply_async((c,), task_id=t))
+    waiting = RunChunk.objects.filter(status=ChunkStatus.QUEUED, run__status__in=active).filter(
+        Q(enqueued_at__lt=lost) | Q(enqueued_at__isnull=True)
+    )
+    for chunk in waiting:
+        task_id = uuid.uuid4().hex
+        if RunChunk.objects.filter(
+            pk=chunk.pk, status=ChunkStatus.QUEUED, enqueued_at=chunk.enqueued_at
+        ).update(enqueued_at=now, task_id=task_id):
+            acted += 1
+            transaction.on_commit(lambda c=chunk.pk, t=task_id: run_chunk_task.apply_async((c,), task_id=t))
+    for run_id in Run.objects.filter(status=RunStatus.CANCELING).values_list("pk", flat=True):
+        acted += int(_finish_cancel(run_id))
+    # Every chunk done but no live aggregation: the worker that claimed it died, or nobody claimed it.
+    unfinished = Run.objects.filter(status__in=active).exclude(
+        chunks__status__in=[ChunkStatus.QUEUED, ChunkStatus.RUNNING, ChunkStatus.CANCELED]
+    )
+    unfinished = unfinished.filter(
+        Q(aggregation_claimed_at__isnull=True)
+        | Q(heartbeat_at__lt=stale)
+        | Q(heartbeat_at__isnull=True, aggregation_claimed_at__lt=stale)
+    )
+    for run in unfinished.distinct():
+        if Run.objects.filter(pk=run.pk, aggregation_claimed_at=run.aggregation_claimed_at).update(
+            aggregation_claimed_at=now, heartbeat_at=now
+        ):
+            acted += 1
+            transaction.on_commit(lambda r=run.pk: _enqueue_aggregate(r))
+    return acted
+
+
+_reaper_started = False
+
+
+def run_reaper_start(*, interval: float | None = None) -> threading.Thread | None:
+    """Start the reaper loop in a daemon thread of this process (each worker runs one); once per process."""
+    global _reaper_started
+    if _reaper_started:
+        return None
+    _reaper_started = True
+    every = reaper_interval_seconds() if interval is None else interval
+
+    def loop() -> None:
+        while True:
+            try:
+                run_reap_stale()
+            except Exception:
+                logger.exception("the run reaper failed; trying again in %s s", every)
+            finally:
+                db_connection.close()
+            time.sleep(every)
+
+    thread = threading.Thread(target=loop, name="runs-reaper", daemon=True)
+    thread.start()
+    return thread

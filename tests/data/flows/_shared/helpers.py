@@ -1,0 +1,2 @@
+def decorate(text: str, mark: str) -> str:
+    return f"{mark}{text}{mark}"

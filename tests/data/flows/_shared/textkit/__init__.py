@@ -1,0 +1,3 @@
+from .counting import vowel_count
+
+__all__ = ["vowel_count"]

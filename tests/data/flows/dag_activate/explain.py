@@ -1,0 +1,6 @@
+from promptflow.core import tool
+
+
+@tool
+def explain(kind: str) -> str:
+    return f"classified as {kind}"

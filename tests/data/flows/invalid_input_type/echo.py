@@ -1,0 +1,6 @@
+from promptflow.core import tool
+
+
+@tool
+def echo(value: str) -> str:
+    return value
