@@ -539,13 +539,13 @@ def flow_path_clean(path: str) -> str:
                 reason="too_long",
                 path=path,
             )
-    if len(path) > MAX_PATH_CHARS:
-        raise FlowPathError(
-            f"File path {shown} is longer than {MAX_PATH_CHARS} characters.", reason="too_long", path=path
-        )
     if len(segments) > MAX_PATH_DEPTH:
         raise FlowPathError(
             f"File path {shown} is nested deeper than {MAX_PATH_DEPTH} folders.", reason="too_deep", path=path
+        )
+    if len(path) > MAX_PATH_CHARS:
+        raise FlowPathError(
+            f"File path {shown} is longer than {MAX_PATH_CHARS} characters.", reason="too_long", path=path
         )
     return path
 
@@ -829,6 +829,7 @@ def _zip_entry_read(archive: zipfile.ZipFile, info: zipfile.ZipInfo, *, total: i
     size = 0
     try:
         with archive.open(info) as handle:
+            # Counted here as well as from the headers: this is what actually gets decompressed.
             while chunk := handle.read(_ZIP_STREAM_CHUNK):
                 size += len(chunk)
                 if total + size > max_bytes:

@@ -63,8 +63,10 @@ from flows_app.services import (
     flow_share,
     flow_unshare,
     snapshot_file_read,
+    snapshot_files,
     snapshot_zip,
 )
+from flows_app.workspace import folder_zip
 
 LIST = "flows_app/connections/list.html"
 DETAIL = "flows_app/connections/detail.html"
@@ -327,11 +329,14 @@ def flow_file_download(request: HttpRequest, pk: int) -> HttpResponse:
 def flow_download(request: HttpRequest, pk: int) -> HttpResponse:
     """A version of the flow as a zip (the head unless `version`); the same version always gives the same bytes."""
     version = flow_version_get_for(request.user, pk, _int(request.GET.get("version")))
-    filename = f"{version.flow.name}-v{version.number}.zip".replace("/", "_")
-    return FileResponse(
-        iter([snapshot_zip(snapshot=version.snapshot)]), as_attachment=True, filename=filename,
-        content_type="application/zip",
-    )
+    folder = request.GET.get("folder", "").strip("/")
+    if folder:
+        data = folder_zip(snapshot_files(snapshot=version.snapshot), folder)
+        filename = f"{folder.rsplit('/', 1)[-1]}.zip"
+    else:
+        data = snapshot_zip(snapshot=version.snapshot)
+        filename = f"{version.flow.name}-v{version.number}.zip".replace("/", "_")
+    return FileResponse(iter([data]), as_attachment=True, filename=filename, content_type="application/zip")
 
 
 @login_required

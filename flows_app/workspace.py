@@ -5,7 +5,9 @@ Reads only: it materialises the version's snapshot (cached by hash) and asks flo
 
 from __future__ import annotations
 
+import io
 import posixpath
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -46,6 +48,11 @@ class TreeNode:
     size: int = 0
     children: list[TreeNode] = field(default_factory=list)
 
+    @property
+    def ext(self) -> str:
+        """The file name's extension without the dot, lower case ('' for none), for the file icon."""
+        return posixpath.splitext(self.name)[1].lstrip(".").lower()
+
 
 def file_tree(paths: Mapping[str, int] | Iterable[str]) -> list[TreeNode]:
     """Nested folders and files, folders first, each level sorted by name (case-insensitive)."""
@@ -84,6 +91,19 @@ def main_file(paths: Iterable[str]) -> str | None:
     if prompty:
         return prompty[0]
     return names[0] if names else None
+
+
+def folder_zip(files: Mapping[str, bytes], folder: str) -> bytes:
+    """The files under `folder` as a zip whose entries are relative to the folder (sorted, fixed times)."""
+    prefix = folder.strip("/") + "/"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(p for p in files if p.startswith(prefix)):
+            info = zipfile.ZipInfo(path[len(prefix) :], date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o100644 << 16
+            archive.writestr(info, files[path])
+    return buffer.getvalue()
 
 
 @dataclass

@@ -212,11 +212,15 @@ class _MappingMixin:
         return mapping
 
 
-def _version_choices(flow: Any) -> list[tuple[int, str]]:
-    # `flow` came through flow_get_for, so its versions are the user's to see.
+def _version_choices(user: AbstractBaseUser, flow: Any) -> list[tuple[int, str]]:
+    from flows_app.selectors import flow_versions_for
+
     return [
-        (v.number, f"v{v.number} · {v.created_at:%Y-%m-%d %H:%M}{' · ' + v.message if v.message else ''}")
-        for v in flow.versions.all()
+        (
+            v.number,
+            f"v{v.number} · {v.created_at:%Y-%m-%d %H:%M}{' · ' + v.message[:60] if v.message else ''}",
+        )
+        for v in flow_versions_for(user, flow.pk)
     ]
 
 
@@ -263,7 +267,7 @@ class EvaluationForm(_MappingMixin, forms.Form):
 
         try:
             flow = flow_get_for(user, flow_pk)
-            self.fields["version"].choices = [("", "Latest"), *_version_choices(flow)]
+            self.fields["version"].choices = [("", "Latest"), *_version_choices(user, flow)]
             self.flow_version = flow_version_get_for(user, flow_pk, _int_or_none(self._raw("version")))
         except Http404:
             return
@@ -367,7 +371,7 @@ class RunSubmitForm(_MappingMixin, forms.Form):
         if flow_pk is not None:
             try:
                 flow = flow_get_for(user, flow_pk)
-                self.fields["version"].choices = [("", "Latest"), *_version_choices(flow)]
+                self.fields["version"].choices = [("", "Latest"), *_version_choices(user, flow)]
                 version = _int_or_none(source.get("version", initial.get("version")))
                 self.flow_version = flow_version_get_for(user, flow_pk, version)
             except Http404:
@@ -439,6 +443,13 @@ class RunSubmitForm(_MappingMixin, forms.Form):
         form = self.evaluation_form(index)
         self.evaluation_forms.append(form)
         return form
+
+    def error_field(self, name: str | None) -> str | None:
+        """The form field a service error's `field` refers to, or None for an error of the whole form."""
+        name = {"data": "dataset", "line_timeout": "line_timeout", "variant": "variants"}.get(
+            name or "", name
+        )
+        return name if name in self.fields else None
 
     def connection_fields(self) -> list[forms.BoundField]:
         """The bound connection override fields, one per connection the flow uses."""
@@ -521,11 +532,25 @@ class RunYamlForm(forms.Form):
 
 
 class LineSelectionForm(forms.Form):
-    """Line numbers picked in the outputs table, for a rerun of just those lines."""
+    """Line numbers ticked in the outputs table, for a rerun of just those lines."""
 
-    lines = forms.TypedMultipleChoiceField(coerce=int, choices=(), required=True)
+    lines = forms.CharField(required=False)
 
-    def __init__(self, *args: Any, total: int, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.fields["lines"].choices = [(str(n), str(n)) for n in range(max(total, 0))]
-        self.fields["lines"].error_messages["required"] = "Select at least one line to run again."
+    def __init__(self, data: Any, *, total: int) -> None:
+        super().__init__(data)
+        self.total = total
+        self.raw_lines = data.getlist("lines") if hasattr(data, "getlist") else []
+
+    def clean(self) -> dict[str, Any]:
+        """Every value a line number of the run; at least one."""
+        cleaned = super().clean() or {}
+        numbers: set[int] = set()
+        for value in self.raw_lines:
+            number = _int_or_none(value)
+            if number is None or not 0 <= number < self.total:
+                raise forms.ValidationError(f"“{value}” is not a line of this run (0 to {self.total - 1}).")
+            numbers.add(number)
+        if not numbers:
+            raise forms.ValidationError("Select at least one line to run again.")
+        cleaned["lines"] = sorted(numbers)
+        return cleaned

@@ -1,7 +1,34 @@
-"""Page routes of this app."""
+"""Page routes of this app, mounted under /runs/ in the `runs` namespace."""
 
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver
+from django.urls import URLPattern, URLResolver, include, path
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from runs_app import views
+
+run_patterns: list[URLPattern | URLResolver] = [
+    path("", views.run_list, name="list"),
+    path("new", views.run_new, name="new"),
+    path("new/yaml", views.run_new_yaml, name="new_yaml"),
+    path("datasets/", views.dataset_list, name="datasets"),
+    path("datasets/<int:pk>/", views.dataset_detail, name="dataset"),
+    path("<uuid:run_id>/", views.run_detail, name="detail"),
+    path("<uuid:run_id>/status", views.run_status, name="status"),
+    path("<uuid:run_id>/outputs", views.run_outputs, name="outputs"),
+    path("<uuid:run_id>/metrics", views.run_metrics, name="metrics"),
+    path("<uuid:run_id>/logs", views.run_logs, name="logs"),
+    path("<uuid:run_id>/logs.txt", views.run_logs_download, name="logs_download"),
+    path("<uuid:run_id>/trace", views.run_trace, name="trace"),
+    path("<uuid:run_id>/snapshot", views.run_snapshot, name="snapshot"),
+    path("<uuid:run_id>/snapshot.zip", views.run_snapshot_zip, name="snapshot_zip"),
+    path("<uuid:run_id>/cancel", views.run_cancel_view, name="cancel"),
+    path("<uuid:run_id>/resume", views.run_resume_view, name="resume"),
+    path("<uuid:run_id>/rerun", views.run_rerun_view, name="rerun"),
+    path("<uuid:run_id>/clone", views.run_clone_view, name="clone"),
+    path("<uuid:run_id>/archive", views.run_archive_view, name="archive"),
+    path("<uuid:run_id>/delete", views.run_delete_view, name="delete"),
+]
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("runs/", include((run_patterns, "runs"))),
+]

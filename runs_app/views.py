@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import ValidationError
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from flows_app.selectors import flow_list_for
-from flows_app.services import snapshot_zip
+from flows_app.services import FlowPathError, snapshot_file_read, snapshot_zip
 from runs_app import selectors, services
 from runs_app.forms import (
     DatasetUploadForm,
@@ -46,11 +48,80 @@ def _go(request: HttpRequest, url: str) -> HttpResponse:
     return HttpResponseClientRedirect(url) if request.htmx else redirect(url)
 
 
-def _run_page(request: HttpRequest, run_id: UUID, template: str, tab: str, **extra: Any) -> HttpResponse:
-    """Render one tab of a run page: the run (404 unless visible), its progress and the tab's own context."""
-    run = extra.pop("run", None) or selectors.run_get_for(request.user, run_id)
-    context = {"run": run, "progress": selectors.run_progress(run), "tab": tab, **extra}
-    return render(request, template, context)
+def _status_context(request: HttpRequest, run: Any) -> dict[str, Any]:
+    """What `_status.html` shows: the progress dict, the duration so far and whether the user may act."""
+    duration = None
+    if run.started_at is not None:
+        end = run.finished_at or timezone.now()
+        duration = max((end - run.started_at).total_seconds(), 0.0)
+    return {
+        "run": run,
+        "progress": selectors.run_progress(run),
+        "duration": duration,
+        "can_change": selectors.run_can_change(request.user, run),
+    }
+
+
+def _run_page(request: HttpRequest, run: Any, template: str, tab: str, **extra: Any) -> HttpResponse:
+    """Render one tab of a run page: the status block, the tabs and the tab's own context."""
+    return render(request, template, {**_status_context(request, run), "tab": tab, **extra})
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as the tables show it: strings as they are, anything else as compact JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _present_lines(lines: Sequence[Any]) -> list[Any]:
+    """Attach display strings of inputs and outputs to each line result of a page."""
+    for line in lines:
+        line.inputs_shown = [(key, _shown(value)) for key, value in (line.inputs or {}).items()]
+        line.outputs_shown = [(key, _shown(value)) for key, value in (line.outputs or {}).items()]
+    return list(lines)
+
+
+def _span_rows(trace: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A line's spans as a depth-first list with depth, duration and a waterfall offset/width in percent."""
+    spans = [dict(span) for span in trace if isinstance(span, Mapping)]
+    if not spans:
+        return []
+    ids = {span.get("span_id") for span in spans}
+    children: dict[Any, list[dict[str, Any]]] = {}
+    for span in spans:
+        parent = span.get("parent_id") if span.get("parent_id") in ids else None
+        children.setdefault(parent, []).append(span)
+    start = min(float(span.get("start") or 0) for span in spans)
+    end = max(float(span.get("end") or 0) for span in spans)
+    total = max(end - start, 1e-9)
+    rows: list[dict[str, Any]] = []
+
+    def walk(parent: Any, depth: int) -> None:
+        for span in sorted(children.get(parent, []), key=lambda s: float(s.get("start") or 0)):
+            begin, finish = float(span.get("start") or 0), float(span.get("end") or 0)
+            error = span.get("error")
+            rows.append(
+                {
+                    **span,
+                    "depth": depth,
+                    "duration_ms": max(finish - begin, 0.0) * 1000,
+                    "offset_pct": round(100 * (begin - start) / total, 2),
+                    "width_pct": max(round(100 * (finish - begin) / total, 2), 0.5),
+                    "inputs_json": json.dumps(span.get("inputs"), indent=2, ensure_ascii=False, default=str),
+                    "output_json": json.dumps(span.get("output"), indent=2, ensure_ascii=False, default=str),
+                    "error_text": error if isinstance(error, str) else _shown(error),
+                }
+            )
+            if span.get("span_id") is not None and span.get("span_id") != parent:
+                walk(span.get("span_id"), depth + 1)
+
+    walk(None, 0)
+    return rows
+
+
+def _error_text(error: Exception) -> str:
+    return " ".join(getattr(error, "problems", None) or [str(error)])
 
 
 # --- datasets ---------------------------------------------------------------------------------------
@@ -64,15 +135,15 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         try:
             dataset = services.dataset_create(owner=request.user, **form.service_kwargs())
-        except services.DatasetError as error:
-            form.add_error("file", str(error))
+        except (services.DatasetError, services.RunError) as error:
+            for problem in getattr(error, "problems", None) or [str(error)]:
+                form.add_error("file", problem)
         else:
             messages.success(request, f"Dataset “{dataset.name}” uploaded: {dataset.row_count} rows.")
             return _go(request, reverse("runs:dataset", args=[dataset.pk]))
-    status = 422 if form.errors else 200
     template = f"{DATASETS}#upload" if request.htmx else DATASETS
     context = {"form": form, "datasets": selectors.dataset_list_for(request.user)}
-    return render(request, template, context, status=status)
+    return render(request, template, context, status=422 if form.errors else 200)
 
 
 @login_required
@@ -80,7 +151,7 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
 def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
     """A dataset's columns, row count and first rows."""
     dataset = selectors.dataset_get_for(request.user, pk)
-    rows = selectors.dataset_preview(dataset, limit=20)
+    rows = [[_shown(row.get(c, "")) for c in dataset.columns] for row in selectors.dataset_preview(dataset)]
     return render(request, DATASET, {"dataset": dataset, "rows": rows})
 
 
@@ -90,24 +161,32 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_http_methods(["GET", "POST"])
 def run_new(request: HttpRequest) -> HttpResponse:
-    """The submit wizard; htmx re-renders the flow-dependent steps while the user picks (`?part=`)."""
-    base = request.GET.get("base") or request.POST.get("base_run")
+    """The submit wizard; htmx re-renders the flow-dependent parts while the user picks (`?part=`)."""
+    base = request.POST.get("base_run") or request.GET.get("base_run") or request.GET.get("base")
     base_run = selectors.run_get_for(request.user, base) if base else None
+    clone = selectors.run_get_for(request.user, request.GET["clone"]) if request.GET.get("clone") else None
     data = request.POST if request.method == "POST" else None
-    form = RunSubmitForm(data, user=request.user, query=request.GET, base_run=base_run)
+    form = RunSubmitForm(data, user=request.user, query=request.GET, base_run=base_run, clone_from=clone)
     if request.method == "POST" and form.is_valid():
         try:
             runs = services.run_submit(user=request.user, **form.service_kwargs())
-        except ValidationError as error:
-            form.add_error(None, error)
+        except services.RunError as error:
+            form.add_error(form.error_field(error.field), str(error))
         else:
             messages.success(request, f"Submitted {len(runs)} run{'s' if len(runs) != 1 else ''}.")
             target = reverse("runs:detail", args=[runs[0].pk]) if len(runs) == 1 else reverse("runs:list")
             return _go(request, target)
-    part = request.GET.get("part", "")
-    template = f"{NEW}#{part}" if request.htmx and part in {"flow-steps", "evaluation"} else NEW
+    part = request.GET.get("part", "") if request.htmx else ""
     context = {"form": form, "base_run": base_run, "yaml_form": RunYamlForm()}
-    return render(request, template, context, status=422 if form.errors else 200)
+    if part == "evaluation":
+        evaluation = (
+            form.add_evaluation()
+            if request.GET.get("add")
+            else form.evaluation_form(_int(request.GET.get("index"), 0))
+        )
+        context.update(evaluation=evaluation, oob=bool(request.GET.get("add")))
+    template = f"{NEW}#{part}" if part in {"flow-steps", "evaluation"} else NEW
+    return render(request, template, context, status=422 if form.is_bound and form.errors else 200)
 
 
 @login_required
@@ -118,8 +197,8 @@ def run_new_yaml(request: HttpRequest) -> HttpResponse:
     if form.is_valid():
         try:
             run = services.run_create_from_yaml(user=request.user, **form.service_kwargs())
-        except ValidationError as error:
-            form.add_error("run_yml", error)
+        except (services.RunError, services.DatasetError) as error:
+            form.add_error("run_yml", _error_text(error))
         else:
             messages.success(request, f"Run “{run.name}” submitted from run.yml.")
             return _go(request, reverse("runs:detail", args=[run.pk]))
@@ -136,10 +215,17 @@ def run_new_yaml(request: HttpRequest) -> HttpResponse:
 def run_list(request: HttpRequest) -> HttpResponse:
     """The runs the user can see, filtered by the query string; htmx gets just the rows."""
     form = RunFilterForm(request.GET, flows=flow_list_for(request.user))
-    runs = selectors.run_list_for(request.user, **form.selector_kwargs())
-    page = selectors.paginate(runs, page=request.GET.get("page"), per_page=50)
-    template = f"{LIST}#rows" if request.htmx else LIST
-    return render(request, template, {"form": form, "page": page, "query": request.GET.urlencode()})
+    filters = form.selector_kwargs()
+    page = Paginator(selectors.run_list_for(request.user, **filters), 50).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    context = {
+        "form": form,
+        "page": page,
+        "query_without_page": query.urlencode(),
+        "filtered": any(v for k, v in filters.items()),
+    }
+    return render(request, f"{LIST}#rows" if request.htmx else LIST, context)
 
 
 @login_required
@@ -147,16 +233,16 @@ def run_list(request: HttpRequest) -> HttpResponse:
 def run_detail(request: HttpRequest, run_id: UUID) -> HttpResponse:
     """Overview tab: status, live progress, timings, tokens, lineage and settings."""
     run = selectors.run_get_for(request.user, run_id)
-    evaluations = selectors.run_evaluations_for(request.user, run)
-    return _run_page(request, run_id, OVERVIEW, "overview", run=run, evaluations=evaluations)
+    evaluations = selectors.run_list_for(request.user, base_run=run, archived=None)
+    return _run_page(request, run, OVERVIEW, "overview", evaluations=evaluations)
 
 
 @login_required
 @require_GET
 def run_status(request: HttpRequest, run_id: UUID) -> HttpResponse:
-    """The `_status.html` fragment that run pages poll about once a second when the websocket is not live."""
+    """The `_status.html` fragment that run pages poll about once a second when no websocket is live."""
     run = selectors.run_get_for(request.user, run_id)
-    return render(request, STATUS, {"run": run, "progress": selectors.run_progress(run)})
+    return render(request, STATUS, _status_context(request, run))
 
 
 @login_required
@@ -166,9 +252,10 @@ def run_outputs(request: HttpRequest, run_id: UUID) -> HttpResponse:
     run = selectors.run_get_for(request.user, run_id)
     search = request.GET.get("q", "").strip()
     page = selectors.run_lines_page(run, page=_page_number(request), per_page=50, search=search)
+    context = {"page": page, "lines": _present_lines(page.object_list), "q": search}
     if request.htmx and request.htmx.target == "lines":
-        return render(request, f"{OUTPUTS}#lines", {"run": run, "page": page, "q": search})
-    return _run_page(request, run_id, OUTPUTS, "outputs", run=run, page=page, q=search)
+        return render(request, f"{OUTPUTS}#lines", {**_status_context(request, run), **context})
+    return _run_page(request, run, OUTPUTS, "outputs", **context)
 
 
 @login_required
@@ -176,8 +263,8 @@ def run_outputs(request: HttpRequest, run_id: UUID) -> HttpResponse:
 def run_metrics(request: HttpRequest, run_id: UUID) -> HttpResponse:
     """Metrics tab: the run's aggregated metrics and those of its evaluation runs."""
     run = selectors.run_get_for(request.user, run_id)
-    evaluations = selectors.run_evaluations_for(request.user, run)
-    return _run_page(request, run_id, METRICS, "metrics", run=run, evaluations=evaluations)
+    evaluations = selectors.run_list_for(request.user, base_run=run, archived=None)
+    return _run_page(request, run, METRICS, "metrics", evaluations=evaluations)
 
 
 @login_required
@@ -187,15 +274,10 @@ def run_logs(request: HttpRequest, run_id: UUID) -> HttpResponse:
     run = selectors.run_get_for(request.user, run_id)
     after = _int(request.GET.get("after"), 0)
     logs = selectors.run_logs_tail(run, after_seq=after, limit=LOG_PAGE)
-    context = {
-        "run": run,
-        "logs": logs,
-        "after": logs[-1].seq if logs else after,
-        "full": len(logs) == LOG_PAGE,
-    }
+    context = {"logs": logs, "after": logs[-1].seq if logs else after, "full": len(logs) == LOG_PAGE}
     if request.htmx and "after" in request.GET:
-        return render(request, f"{LOGS}#tail", context)
-    return _run_page(request, run_id, LOGS, "logs", **context)
+        return render(request, f"{LOGS}#tail", {**_status_context(request, run), **context})
+    return _run_page(request, run, LOGS, "logs", **context)
 
 
 @login_required
@@ -209,7 +291,7 @@ def run_logs_download(request: HttpRequest, run_id: UUID) -> StreamingHttpRespon
         while batch := selectors.run_logs_tail(run, after_seq=after, limit=LOG_PAGE):
             for log in batch:
                 where = f" line {log.line_number}" if log.line_number is not None else ""
-                yield f"{log.time:%Y-%m-%dT%H:%M:%S.%f%z} {log.stream}{where}: {log.text.rstrip()}\n"
+                yield f"{log.time.isoformat()} {log.stream}{where}: {log.text.rstrip()}\n"
             after = batch[-1].seq
 
     response = StreamingHttpResponse(lines(), content_type="text/plain; charset=utf-8")
@@ -220,27 +302,36 @@ def run_logs_download(request: HttpRequest, run_id: UUID) -> StreamingHttpRespon
 @login_required
 @require_GET
 def run_trace(request: HttpRequest, run_id: UUID) -> HttpResponse:
-    """Trace tab: one line's span tree with durations and tokens (`?line=`, the first line by default)."""
+    """Trace tab: one line's span tree with durations and tokens (`?line=`, line 0 by default)."""
     run = selectors.run_get_for(request.user, run_id)
-    line = selectors.run_line_get(run, _int(request.GET.get("line"), 0))
-    spans = selectors.span_tree(line.trace if line is not None else [])
-    context = {"run": run, "line": line, "spans": spans, "line_number": _int(request.GET.get("line"), 0)}
-    if request.htmx and request.htmx.target and request.htmx.target.startswith("line-trace-"):
-        return render(request, f"{TRACE}#tree", context)
-    return _run_page(request, run_id, TRACE, "trace", **context)
+    number = _int(request.GET.get("line"), 0)
+    try:
+        line = selectors.run_line_get(run, number)
+    except Http404:
+        line = None
+    context = {"line": line, "line_number": number, "spans": _span_rows(line.trace if line else [])}
+    if request.htmx and (request.htmx.target or "").startswith("line-trace-"):
+        return render(request, f"{TRACE}#tree", {**_status_context(request, run), **context})
+    return _run_page(request, run, TRACE, "trace", **context)
 
 
 @login_required
 @require_GET
 def run_snapshot(request: HttpRequest, run_id: UUID) -> HttpResponse:
-    """Snapshot tab: the files the run ran, and the content of the one picked (`?path=`)."""
+    """Snapshot tab: the files the run executed, and the content of the one picked (`?path=`)."""
     run = selectors.run_get_for(request.user, run_id)
     path = request.GET.get("path", "")
-    file = selectors.run_snapshot_file(run, path=path) if path else None
-    context = {"run": run, "files": sorted(run.snapshot.manifest), "path": path, "file": file}
+    file = None
+    if path:
+        try:
+            data = snapshot_file_read(snapshot=run.snapshot, path=path)
+        except FlowPathError:
+            data = None
+        file = _file_view(data) if data is not None else None
+    context = {"files": sorted(run.snapshot.manifest), "path": path, "file": file}
     if request.htmx and request.htmx.target == "file-view":
-        return render(request, f"{SNAPSHOT}#file", context)
-    return _run_page(request, run_id, SNAPSHOT, "snapshot", **context)
+        return render(request, f"{SNAPSHOT}#file", {"run": run, **context})
+    return _run_page(request, run, SNAPSHOT, "snapshot", **context)
 
 
 @login_required
@@ -256,45 +347,55 @@ def run_snapshot_zip(request: HttpRequest, run_id: UUID) -> HttpResponse:
 # --- actions ----------------------------------------------------------------------------------------
 
 
+def _act(request: HttpRequest, run: Any, action: Any, done: str, **kwargs: Any) -> HttpResponse:
+    """Call one run service; on success go to the run it returns, on a refusal back with the reason."""
+    try:
+        result = action(user=request.user, run=run, **kwargs)
+    except services.RunError as error:
+        messages.error(request, str(error))
+        return _go(request, reverse("runs:detail", args=[run.pk]))
+    target = result if result is not None and hasattr(result, "pk") else run
+    messages.success(request, done.format(name=target.name))
+    return _go(request, reverse("runs:detail", args=[target.pk]))
+
+
 @login_required
 @require_POST
 def run_cancel_view(request: HttpRequest, run_id: UUID) -> HttpResponse:
-    """Stop a queued or running run: queued chunks are dropped, running ones stop."""
-    run = services.run_cancel(user=request.user, run=selectors.run_get_for(request.user, run_id))
-    messages.info(request, f"Canceling “{run.name}”.")
-    return _go(request, reverse("runs:detail", args=[run.pk]))
+    """Stop a queued or running run: queued chunks never start, running ones stop."""
+    run = selectors.run_get_for(request.user, run_id)
+    return _act(request, run, services.run_cancel, "Canceling “{name}”.")
 
 
 @login_required
 @require_POST
 def run_resume_view(request: HttpRequest, run_id: UUID) -> HttpResponse:
     """A new run linked to this one that runs only its failed or missing lines."""
-    run = services.run_resume(user=request.user, run=selectors.run_get_for(request.user, run_id))
-    messages.success(request, f"Resumed as “{run.name}”.")
-    return _go(request, reverse("runs:detail", args=[run.pk]))
+    run = selectors.run_get_for(request.user, run_id)
+    return _act(request, run, services.run_resume, "Resumed as “{name}”.")
 
 
 @login_required
 @require_POST
 def run_rerun_view(request: HttpRequest, run_id: UUID) -> HttpResponse:
-    """A new run of just the lines ticked in the outputs table."""
+    """A new run of just the lines ticked in the outputs table (the other completed lines are reused)."""
     run = selectors.run_get_for(request.user, run_id)
     form = LineSelectionForm(request.POST, total=run.total_lines)
     if not form.is_valid():
         messages.error(request, " ".join(e for errors in form.errors.values() for e in errors))
         return _go(request, reverse("runs:outputs", args=[run.pk]))
-    new = services.run_rerun_lines(user=request.user, run=run, line_numbers=form.cleaned_data["lines"])
-    messages.success(request, f"Running {len(form.cleaned_data['lines'])} line(s) again as “{new.name}”.")
-    return _go(request, reverse("runs:detail", args=[new.pk]))
+    lines = form.cleaned_data["lines"]
+    return _act(
+        request, run, services.run_rerun_lines, "Running the lines again as “{name}”.", line_numbers=lines
+    )
 
 
 @login_required
 @require_POST
 def run_clone_view(request: HttpRequest, run_id: UUID) -> HttpResponse:
     """The same run again (same snapshot, data and settings) under a new name."""
-    run = services.run_clone(user=request.user, run=selectors.run_get_for(request.user, run_id))
-    messages.success(request, f"Cloned as “{run.name}”.")
-    return _go(request, reverse("runs:detail", args=[run.pk]))
+    run = selectors.run_get_for(request.user, run_id)
+    return _act(request, run, services.run_clone, "Cloned as “{name}”.")
 
 
 @login_required
@@ -303,9 +404,8 @@ def run_archive_view(request: HttpRequest, run_id: UUID) -> HttpResponse:
     """Archive (hide from the default list) or restore a run."""
     run = selectors.run_get_for(request.user, run_id)
     archived = request.POST.get("archived", "1") == "1"
-    services.run_archive(user=request.user, run=run, archived=archived)
-    messages.success(request, f"“{run.name}” {'archived' if archived else 'restored'}.")
-    return _go(request, reverse("runs:detail", args=[run.pk]))
+    done = "“{name}” archived." if archived else "“{name}” restored."
+    return _act(request, run, services.run_archive, done, archived=archived)
 
 
 @login_required
@@ -314,10 +414,22 @@ def run_delete_view(request: HttpRequest, run_id: UUID) -> HttpResponse:
     """Confirm (GET) and delete (POST) a run with its results and logs."""
     run = selectors.run_get_for(request.user, run_id)
     if request.method == "GET":
-        return _run_page(request, run_id, DELETE, "overview", run=run)
-    services.run_delete(user=request.user, run=run)
+        return _run_page(request, run, DELETE, "overview")
+    try:
+        services.run_delete(user=request.user, run=run)
+    except services.RunError as error:
+        messages.error(request, str(error))
+        return _go(request, reverse("runs:detail", args=[run.pk]))
     messages.success(request, f"Run “{run.name}” deleted.")
     return _go(request, reverse("runs:list"))
+
+
+def _file_view(data: bytes) -> dict[str, Any]:
+    try:
+        text: str | None = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    return {"size": len(data), "text": text}
 
 
 def _int(value: Any, default: int) -> int:

@@ -227,3 +227,9 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# Zip import limits (flows_app.services.zip_read_checked): total uncompressed bytes, entries, and the
+# compression ratio above which an entry counts as a zip bomb.
+STUDIO_ZIP_MAX_BYTES = env_int("STUDIO_ZIP_MAX_BYTES", 50 * 1024 * 1024, minimum=1024)
+STUDIO_ZIP_MAX_FILES = env_int("STUDIO_ZIP_MAX_FILES", 5000, minimum=1)
+STUDIO_ZIP_MAX_RATIO = env_int("STUDIO_ZIP_MAX_RATIO", 100, minimum=1)
