@@ -113,7 +113,9 @@ class RunIn(Schema):
     flow_id: int | None = None
     flow_version: int | None = Field(default=None, description="Version number (the head when left out).")
     dataset: int | None = Field(default=None, description="Id of an uploaded dataset.")
-    data: str | None = Field(default=None, description="A data file inside the flow's folder, e.g. data.jsonl.")
+    data: str | None = Field(
+        default=None, description="A data file inside the flow's folder, e.g. data.jsonl."
+    )
     run: str | None = Field(default=None, description="Name or id of a Completed run to evaluate.")
     column_mapping: dict[str, Any] = Field(default_factory=dict)
     variant: str | None = Field(default=None, description="`${node.variant_id}`")
@@ -305,7 +307,13 @@ def _line_out(line: LineResult) -> dict[str, Any]:
 
 
 def _log_out(log: RunLog) -> dict[str, Any]:
-    return {"seq": log.pk, "time": log.time, "line_number": log.line_number, "stream": log.stream, "text": log.text}
+    return {
+        "seq": log.pk,
+        "time": log.time,
+        "line_number": log.line_number,
+        "stream": log.stream,
+        "text": log.text,
+    }
 
 
 def _run_error(exc: services.RunError | services.DatasetError) -> ErrorOut:
@@ -335,17 +343,17 @@ def _flow_version(user: AbstractBaseUser, flow: str | None, flow_id: int | None,
             raise services.RunError(str(exc), field="flow") from None
     if flow:
         ref = flow if number is None or "@" in flow else f"{flow}@{number}"
-        return services._flow_version_by_ref(user, ref)
+        return services.flow_version_from_ref(user, ref)
     raise services.RunError("give `flow` (name or name@version) or `flow_id`", field="flow")
 
 
 # --- datasets ---------------------------------------------------------------------------------------------------
 
 
-@router.post("/datasets", response={201: DatasetOut, 422: ErrorOut}, summary="Upload a dataset (jsonl or csv)")
-def datasets_create(
-    request: HttpRequest, file: File[UploadedFile], name: Form[str] = ""
-) -> tuple[int, Any]:
+@router.post(
+    "/datasets", response={201: DatasetOut, 422: ErrorOut}, summary="Upload a dataset (jsonl or csv)"
+)
+def datasets_create(request: HttpRequest, file: File[UploadedFile], name: Form[str] = "") -> tuple[int, Any]:
     """Every line is checked first; a broken line is reported by number and nothing is stored."""
     if file.size and file.size > MAX_DATASET_BYTES:
         return 422, ErrorOut(detail=f"{file.name}: larger than {MAX_DATASET_BYTES:,} bytes")
@@ -468,7 +476,11 @@ def runs_update(request: HttpRequest, run_ref: str, payload: RunPatch) -> dict[s
     """Change display name, description or tags."""
     user, run = _owned(request, run_ref)
     run = services.run_update(
-        user=user, run=run, display_name=payload.display_name, description=payload.description, tags=payload.tags
+        user=user,
+        run=run,
+        display_name=payload.display_name,
+        description=payload.description,
+        tags=payload.tags,
     )
     return run_out(run)
 
@@ -575,7 +587,9 @@ def runs_cancel(request: HttpRequest, run_ref: str) -> dict[str, Any]:
     return run_out(services.run_cancel(user=user, run=run))
 
 
-@router.post("/runs/{run_ref}/resume", response={201: RunOut, 403: ErrorOut, 422: ErrorOut}, summary="Resume a run")
+@router.post(
+    "/runs/{run_ref}/resume", response={201: RunOut, 403: ErrorOut, 422: ErrorOut}, summary="Resume a run"
+)
 def runs_resume(request: HttpRequest, run_ref: str, name: str | None = None) -> tuple[int, Any]:
     """A new run reusing the completed lines and computing only failed or missing ones."""
     user, run = _owned(request, run_ref)
@@ -585,7 +599,9 @@ def runs_resume(request: HttpRequest, run_ref: str, name: str | None = None) -> 
         return 422, _run_error(exc)
 
 
-@router.post("/runs/{run_ref}/rerun", response={201: RunOut, 403: ErrorOut, 422: ErrorOut}, summary="Rerun lines")
+@router.post(
+    "/runs/{run_ref}/rerun", response={201: RunOut, 403: ErrorOut, 422: ErrorOut}, summary="Rerun lines"
+)
 def runs_rerun(request: HttpRequest, run_ref: str, payload: RerunIn) -> tuple[int, Any]:
     """A new run computing the given lines again and reusing the others."""
     user, run = _owned(request, run_ref)
@@ -606,7 +622,9 @@ def runs_evaluate(request: HttpRequest, run_ref: str, payload: EvaluateIn) -> tu
     run = selectors.run_get_for(user, run_ref)
     try:
         version = _flow_version(user, payload.flow, payload.flow_id, payload.flow_version)
-        dataset = selectors.dataset_get_for(user, payload.dataset) if payload.dataset is not None else run.dataset
+        dataset = (
+            selectors.dataset_get_for(user, payload.dataset) if payload.dataset is not None else run.dataset
+        )
         evaluation = services.run_evaluate(
             user=user,
             run=run,
@@ -629,7 +647,9 @@ def runs_archive(request: HttpRequest, run_ref: str) -> dict[str, Any]:
     return run_out(services.run_archive(user=user, run=run, archived=True))
 
 
-@router.post("/runs/{run_ref}/restore", response={200: RunOut, 403: ErrorOut}, summary="Restore an archived run")
+@router.post(
+    "/runs/{run_ref}/restore", response={200: RunOut, 403: ErrorOut}, summary="Restore an archived run"
+)
 def runs_restore(request: HttpRequest, run_ref: str) -> dict[str, Any]:
     """Show the run in the default list again."""
     user, run = _owned(request, run_ref)

@@ -596,7 +596,7 @@ def run_create_from_yaml(
     if folder_files:
         snapshot = snapshot_from_files(files=folder_files)
     else:
-        flow_version = _flow_version_by_ref(user, flow_ref)
+        flow_version = flow_version_from_ref(user, flow_ref)
     dataset = None
     data_path = None
     data_ref = spec.get("data")
@@ -675,7 +675,7 @@ def _dotenv(text: str) -> dict[str, str]:
     return values
 
 
-def _flow_version_by_ref(user: AbstractBaseUser, ref: str) -> FlowVersion:
+def flow_version_from_ref(user: AbstractBaseUser, ref: str) -> FlowVersion:
     """`name` (head) or `name@number` of a studio flow the user can see."""
     from django.http import Http404
 
