@@ -648,6 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_flow_test)
 
+    from flowengine.serving import add_serve_parser
+
+    add_serve_parser(flow)
+
     conn = groups.add_parser("connection", help="manage local connections").add_subparsers(dest="command")
     conn.required = True
     p = conn.add_parser("create", help="create a connection from a YAML file")

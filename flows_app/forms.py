@@ -217,6 +217,8 @@ class FlowImportForm(forms.Form):
     name = forms.CharField(max_length=200, required=False, help_text="Blank: the archive's name.")
 
     def __init__(self, *args: Any, user: AbstractBaseUser, **kw: Any) -> None:
+        # It shares a page with FlowNewForm: distinct element ids keep the labels pointing at the right fields.
+        kw.setdefault("auto_id", "import_%s")
         super().__init__(*args, **kw)
         self.fields["team"] = _team_field(user)
 

@@ -191,3 +191,47 @@ class FlowShare(models.Model):
 
     def __str__(self) -> str:
         return f"{self.flow_id} -> {self.user_id or self.team_id} ({self.role})"
+
+
+# --- single tests (owned by the test pane: flows_app.consumers, streaming and the flowtest_* services) -----
+
+
+class FlowTest(models.Model):
+    """One test of a flow from its authoring page: what went in, what came out, its logs and its trace.
+
+    Only the newest FLOWTEST_KEEP tests of a flow are kept (flowtest_start deletes older ones).
+    """
+
+    class Status(models.TextChoices):
+        RUNNING = "Running", "Running"
+        COMPLETED = "Completed", "Completed"
+        FAILED = "Failed", "Failed"
+        CANCELED = "Canceled", "Canceled"
+
+    flow = models.ForeignKey(Flow, on_delete=models.CASCADE, related_name="tests")
+    version = models.ForeignKey(FlowVersion, on_delete=models.CASCADE, related_name="tests")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="flow_tests"
+    )
+    inputs = models.JSONField(default=dict, blank=True)
+    outputs = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    # An ErrorInfo dict (code, type, message, node, traceback) when the test failed.
+    error = models.JSONField(null=True, blank=True)
+    logs = models.JSONField(default=list, blank=True)
+    trace = models.JSONField(default=list, blank=True)
+    variant = models.CharField(max_length=300, blank=True, default="")
+    node = models.CharField(max_length=300, blank=True, default="")
+    # Per node: {"status": "completed"|"failed"|"bypassed"|"running", "duration_ms": float}.
+    node_runs = models.JSONField(default=dict, blank=True)
+    usage = models.JSONField(default=dict, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["flow", "-created_at"], name="flowtest_flow_recent")]
+
+    def __str__(self) -> str:
+        return f"test {self.pk} of flow {self.flow_id} ({self.status})"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
-from django.urls import URLPattern
+from django.urls import URLPattern, path
 
-websocket_urlpatterns: list[URLPattern] = []
+from flows_app.consumers import FlowTestConsumer
+
+websocket_urlpatterns: list[URLPattern] = [
+    path("ws/flows/<int:flow_id>/test/", FlowTestConsumer.as_asgi(), name="flow-test"),
+]

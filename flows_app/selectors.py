@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Case, CharField, Exists, OuterRef, Prefetch, Q, QuerySet, Value, When
 from django.http import Http404
 
-from flows_app.models import Connection, Flow, FlowShare, FlowVersion, Snapshot
+from flows_app.models import Connection, Flow, FlowShare, FlowTest, FlowVersion, Snapshot
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+
+    from flowengine import Flow as EngineFlow
 
 
 def connection_list_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Connection]:
@@ -224,3 +229,182 @@ def flows_with_shares(flows: QuerySet[Flow]) -> QuerySet[Flow]:
     return flows.prefetch_related(
         Prefetch("shares", queryset=FlowShare.objects.select_related("user", "team").order_by("id"))
     )
+
+
+# --- single tests (the test pane of the authoring page) ----------------------------------------------
+
+# JSON editors get these input types; everything else is typed in as text.
+FLOWTEST_JSON_TYPES = ("list", "object", "array", "dict")
+FLOWTEST_NUMBER_TYPES = ("int", "integer", "double", "float", "number")
+FLOWTEST_DATA_FILES = ("data.jsonl", "samples.jsonl", "sample.jsonl")
+
+
+def flowtest_list_for(user: AbstractBaseUser | AnonymousUser, flow_id: int) -> QuerySet[FlowTest]:
+    """The newest tests of a flow the user may see (at most FLOWTEST_KEEP), without their logs and trace."""
+    from flows_app.services import FLOWTEST_KEEP
+
+    flow = flow_get_for(user, flow_id)
+    return (
+        FlowTest.objects.filter(flow=flow)
+        .select_related("user", "version")
+        .defer("logs", "trace")
+        .order_by("-created_at", "-id")[:FLOWTEST_KEEP]
+    )
+
+
+def flowtest_get_for(user: AbstractBaseUser | AnonymousUser, flow_id: int, test_id: int) -> FlowTest:
+    """One test of a flow the user may see, with everything recorded; Http404 otherwise."""
+    flow = flow_get_for(user, flow_id)
+    try:
+        test = FlowTest.objects.select_related("user", "version").filter(flow=flow, pk=int(test_id)).first()
+    except (TypeError, ValueError):
+        test = None
+    if test is None:
+        raise Http404("No such test of this flow.")
+    return test
+
+
+def _flowtest_first_row(folder: Path) -> tuple[dict[str, Any], str | None]:
+    """The first row of the flow folder's own dataset (data.jsonl and the like), as a starting point."""
+    candidates = [folder / name for name in FLOWTEST_DATA_FILES]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    return {}, None
+                return (row, f"the first row of {path.name}") if isinstance(row, dict) else ({}, None)
+    return {}, None
+
+
+def _flowtest_sample(flow: EngineFlow) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (inputs, init) parts of the flow's `sample`, as `flowstudio flow test` reads them."""
+    sample = dict(flow.sample or {})
+    if flow.kind == "flex" and isinstance(sample.get("inputs"), Mapping):
+        return dict(sample["inputs"]), dict(sample.get("init") or {})
+    if flow.kind == "flex" and isinstance(sample.get("init"), Mapping):
+        return {k: v for k, v in sample.items() if k != "init"}, dict(sample["init"])
+    return sample, {}
+
+
+def _flowtest_field(name: str, spec: Any, value: Any, *, present: bool) -> dict[str, Any]:
+    """One form field: how to edit it (text, textarea, number, bool, json, select) and its starting text."""
+    type_ = str(getattr(spec, "type", "") or "string").lower()
+    enum = list(getattr(spec, "enum", ()) or ())
+    if enum:
+        widget = "select"
+    elif type_ in FLOWTEST_JSON_TYPES:
+        widget = "json"
+    elif type_ in FLOWTEST_NUMBER_TYPES:
+        widget = "number"
+    elif type_ in ("bool", "boolean"):
+        widget = "bool"
+    elif type_ in ("string", "str", "text"):
+        widget = "textarea" if isinstance(value, str) and ("\n" in value or len(value) > 80) else "text"
+    else:
+        widget = "json"
+    if not present:
+        text = ""
+    elif widget == "json" or (widget != "bool" and not isinstance(value, str | int | float)):
+        text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+        widget = "json" if widget in ("text", "textarea") else widget
+    else:
+        text = str(value)
+    return {
+        "name": name,
+        "type": type_,
+        "widget": widget,
+        "value": text,
+        "checked": bool(value) if present else False,
+        "enum": [str(e) for e in enum],
+        "description": str(getattr(spec, "description", "") or ""),
+        "required": not present and not getattr(spec, "has_default", False),
+        "chat_input": bool(getattr(spec, "is_chat_input", False)),
+        "chat_history": bool(getattr(spec, "is_chat_history", False)),
+    }
+
+
+def flowtest_form_for(user: AbstractBaseUser | AnonymousUser, flow_id: int) -> dict[str, Any]:
+    """What the test pane's form shows for the flow's saved head: input fields with starting values (the
+    flow's sample, else the first row of its own data.jsonl, else defaults), chat roles, variants, and for
+    each node the inputs of a single-node test. `problem` is set when the flow does not load.
+    """
+    from flows_app.services import snapshot_materialize
+    from flows_app.workspace import workspace_state
+
+    version = flow_version_get_for(user, flow_id)
+    folder = Path(snapshot_materialize(snapshot_sha=version.snapshot_id))
+    state = workspace_state(folder)
+    form: dict[str, Any] = {
+        "flow": version.flow,
+        "version": version,
+        "kind": state.kind,
+        "problem": None,
+        "fields": [],
+        "init_fields": [],
+        "chat": None,
+        "variants": [],
+        "nodes": [],
+        "outputs": [],
+        "start_from": None,
+    }
+    flow = state.flow
+    if flow is None:
+        form["problem"] = str(state.problems[0]) if state.problems else "The flow does not load."
+        return form
+    sample_inputs, sample_init = _flowtest_sample(flow)
+    row, row_source = _flowtest_first_row(folder)
+    start: dict[str, Any] = {}
+    if sample_inputs:
+        start, form["start_from"] = sample_inputs, "the flow's sample"
+    elif row:
+        start, form["start_from"] = row, row_source
+    names = list(flow.inputs) or (list(start) if flow.kind != "dag" else [])
+    for name in names:
+        spec = flow.inputs.get(name)
+        if name in start:
+            value, present = start[name], True
+        elif spec is not None and spec.default is not None:
+            value, present = spec.default, True
+        elif spec is not None and spec.is_chat_history:
+            value, present = [], True
+        else:
+            value, present = None, False
+        form["fields"].append(_flowtest_field(name, spec, value, present=present))
+    for name, spec in flow.init.items():
+        present = name in sample_init or spec.default is not None
+        value = sample_init.get(name, spec.default)
+        form["init_fields"].append(_flowtest_field(name, spec, value, present=present))
+    if flow.is_chat:
+        form["chat"] = {
+            "input": flow.chat_input_name,
+            "history": flow.chat_history_name,
+            "output": flow.chat_output_name or next(iter(flow.outputs), None),
+        }
+    for node_name in flow.node_variants:
+        ids = flow.variant_ids(node_name)
+        for index, variant_id in enumerate(ids):
+            label = f"{node_name}: {variant_id}" + (" (default)" if index == 0 else "")
+            form["variants"].append({"value": "${" + f"{node_name}.{variant_id}" + "}", "label": label})
+    by_name = {f["name"]: f for f in form["fields"]}
+    for node in flow.line_nodes if flow.kind == "dag" else ():
+        fields: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for _, ref in node.references():
+            key = ref.name if ref.kind == "input" else f"{ref.name}.{ref.section}"
+            if key in seen:
+                continue
+            seen.add(key)
+            if ref.kind == "input" and key in by_name:
+                fields.append(dict(by_name[key], label=f"inputs.{key}"))
+            else:
+                field = _flowtest_field(key, None, None, present=False)
+                fields.append(dict(field, widget="json", label=key))
+        form["nodes"].append({"name": node.name, "type": node.type, "fields": fields})
+    form["outputs"] = list(flow.outputs)
+    return form

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ from flows_app.models import (
     Connection,
     Flow,
     FlowShare,
+    FlowTest,
     FlowVersion,
     Snapshot,
 )
@@ -1000,10 +1002,6 @@ def _add_version(
     return version
 
 
-def _check_team_member(user: Any, team: Team | None) -> None:
-    _check_team(owner=user, team=team)
-
-
 @transaction.atomic
 def flow_create(
     *,
@@ -1016,7 +1014,7 @@ def flow_create(
 ) -> Flow:
     """Create a flow owned by `owner` with version 1 holding `files`; the name is unique among live flows."""
     name = _clean_name(name)
-    _check_team_member(owner, team)
+    _check_team(owner=owner, team=team)
     if _name_taken(owner, name):
         raise ValidationError({"name": f"You already have a flow named '{name}'."})
     snapshot = snapshot_from_files(files=files)
@@ -1189,7 +1187,7 @@ def flow_file_rename(
             f"Cannot move folder '{path}' into itself.", reason="file_is_folder", path=new_path
         )
 
-    def change(manifest: dict[str, str]) -> dict[str, str]:
+    def change(manifest: dict[str, str]) -> dict[str, bytes]:
         moving = _subtree(manifest, path)
         if not moving:
             raise FlowPathError(f"There is no file or folder '{path}'.", reason="not_found", path=path)
@@ -1256,7 +1254,6 @@ def flow_restore_version(
     )
 
 
-@transaction.atomic
 def flow_import_zip(
     *,
     owner: AbstractBaseUser,
@@ -1275,24 +1272,33 @@ def flow_import_zip(
     """
     if into is not None:
         _require_role(owner, into, ("owner", "editor"), "import into")
+    # The archive is read and checked before the transaction: decompressing must not hold the write lock.
     files, folder = zip_read_checked(data=data)
     if not files:
         raise FlowImportError("Refused the archive: it holds no files.", reason="empty")
     if into is None:
-        flow_name = _clean_name(name) if name else _free_name(owner, _clean_name(folder or "Imported flow"))
-        flow = flow_create(
-            owner=owner, name=flow_name, files=files, message=message or "Import from a zip", team=team
-        )
+        with transaction.atomic():
+            flow_name = (
+                _clean_name(name) if name else _free_name(owner, _clean_name(folder or "Imported flow"))
+            )
+            flow = flow_create(
+                owner=owner, name=flow_name, files=files, message=message or "Import from a zip", team=team
+            )
         assert flow.head is not None
         return flow.head
-    flow = _locked(into)
-    head_number = flow.head.number if flow.head else 0
-    if based_on is not None and based_on != head_number:
-        raise FlowConflict(flow=flow, head=flow.head, based_on=based_on)
-    snapshot = snapshot_from_files(files=files)
-    return _add_version(
-        flow=flow, user=owner, snapshot=snapshot, message=message or "Import from a zip", based_on=flow.head
-    )
+    with transaction.atomic():
+        flow = _locked(into)
+        head_number = flow.head.number if flow.head else 0
+        if based_on is not None and based_on != head_number:
+            raise FlowConflict(flow=flow, head=flow.head, based_on=based_on)
+        snapshot = snapshot_from_files(files=files)
+        return _add_version(
+            flow=flow,
+            user=owner,
+            snapshot=snapshot,
+            message=message or "Import from a zip",
+            based_on=flow.head,
+        )
 
 
 @transaction.atomic
@@ -1389,7 +1395,7 @@ def flow_share(
     if user is not None and user.pk == flow.owner_id:
         raise ValidationError({"user": "The owner already has every right on the flow."})
     if team is not None:
-        _check_team_member(by, team)
+        _check_team(owner=by, team=team)
     lookup = {"user": user} if user is not None else {"team": team}
     share, _ = FlowShare.objects.update_or_create(flow=flow, **lookup, defaults={"role": role})
     return share
@@ -1409,6 +1415,7 @@ def flow_unshare(
 # --- diffs ------------------------------------------------------------------------------------------
 
 _NODE_FIELDS_SKIPPED: Final = frozenset({"line"})
+DAG_FILE_NAME: Final = "flow.dag.yaml"
 
 
 def _as_snapshot(item: FlowVersion | Snapshot) -> Snapshot:
@@ -1425,10 +1432,17 @@ def _text(data: bytes) -> str | None:
 
 
 def _dag_nodes(snapshot: Snapshot) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    # Snapshots never change, so a parse is cached by hash: a history page diffing the same versions
+    # again (or the next pair sharing one side) parses each flow file once per process.
+    return _dag_nodes_cached(snapshot.sha256)
+
+
+@functools.lru_cache(maxsize=64)
+def _dag_nodes_cached(snapshot_sha: str) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
     from flowengine import FlowValidationError, load_flow
 
     try:
-        flow = load_flow(snapshot_materialize(snapshot_sha=snapshot.sha256))
+        flow = load_flow(snapshot_materialize(snapshot_sha=snapshot_sha))
     except FlowValidationError as error:
         return None, str(error)
     nodes: dict[str, dict[str, Any]] = {}
@@ -1477,7 +1491,8 @@ def flow_version_diff(*, a: FlowVersion | Snapshot, b: FlowVersion | Snapshot) -
             )
         files.append({"path": path, "status": status, "unified_diff": diff, "binary": binary})
     dag: dict[str, Any] = {"nodes_added": [], "nodes_removed": [], "nodes_changed": [], "error": None}
-    if old.sha256 != new.sha256:
+    # Nodes come from flow.dag.yaml alone: when its content is the same on both sides, so are they.
+    if old_manifest.get(DAG_FILE_NAME) != new_manifest.get(DAG_FILE_NAME):
         old_nodes, old_error = _dag_nodes(old)
         new_nodes, new_error = _dag_nodes(new)
         if old_nodes is None or new_nodes is None:
@@ -1494,3 +1509,291 @@ def flow_version_diff(*, a: FlowVersion | Snapshot, b: FlowVersion | Snapshot) -
                 if name in old_nodes and new_nodes[name] != old_nodes[name]
             ]
     return {"files": files, "dag": dag}
+
+
+# --- single tests (the test pane of the authoring page) ----------------------------------------------
+# flowtest_start checks a test request and records it; FlowTestSession runs it in a runner process that
+# flows_app.consumers relays straight to the browser; flowtest_finish records how it ended.
+
+FLOWTEST_KEEP: Final = 50
+# A Running row older than this is a test whose server died: it no longer blocks the next test.
+FLOWTEST_STALE_SECONDS: Final = 900
+# How long a cancelled runner may take to exit on its own before its process group is killed.
+FLOWTEST_KILL_GRACE_SECONDS: Final = 0.25
+# A runner kept warm between the turns of a chat is closed after this long without a test.
+FLOWTEST_IDLE_SECONDS: Final = 300.0
+
+
+class FlowTestBusy(Exception):
+    """A test of this flow by this user is still running."""
+
+
+class FlowTestRequestError(ValueError):
+    """A test request the flow cannot run: unknown variant or node, inputs that are not an object."""
+
+
+@dataclass(frozen=True)
+class FlowTestPlan:
+    """What one test runs: the materialised folder, the user's decrypted connections (runner only), options."""
+
+    flow_dir: Path
+    snapshot_sha: str
+    connections: Mapping[str, EngineConnection]
+    variant: str | None
+    node: str | None
+    init: Mapping[str, Any]
+    environment_variables: Mapping[str, str]
+
+    def runner_key(self) -> str:
+        """Tests with the same key can share a warm runner: same files, variant, init and connections."""
+        connections = {
+            name: {"type": c.type, "configs": dict(c.configs), "secrets": dict(c.secrets)}
+            for name, c in sorted(self.connections.items())
+        }
+        text = json.dumps(
+            [self.snapshot_sha, self.variant, self.init, self.environment_variables, connections],
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _flowtest_connection_names(flow: Any, init: Mapping[str, Any]) -> set[str]:
+    """The connection names a flow refers to; "*" when its code may name any (flex, prompty)."""
+    names: set[str] = set()
+    variants = [v.node for nv in flow.node_variants.values() for v in nv.variants.values()]
+    for node in [*flow.nodes, *variants]:
+        if node.connection:
+            names.add(node.connection)
+        for value in node.inputs.values():
+            if isinstance(value, str) and not value.startswith("${"):
+                names.add(value)
+    names.update(value for value in init.values() if isinstance(value, str))
+    if flow.kind != "dag":
+        names.add("*")
+    return names
+
+
+def _flowtest_check(flow: Any, *, variant: str | None, node: str | None, inputs: Any, init: Any) -> None:
+    if not isinstance(inputs, Mapping):
+        raise FlowTestRequestError("The test inputs must be a JSON object of input name to value.")
+    if not isinstance(init, Mapping):
+        raise FlowTestRequestError("The init values must be a JSON object of parameter name to value.")
+    if variant:
+        from flowengine.model import parse_variant
+
+        try:
+            node_name, variant_id = parse_variant(variant)
+        except Exception:  # noqa: BLE001 - any unparsable text gets the same message
+            raise FlowTestRequestError(
+                f"Variant '{variant}' is not of the form '${{node.variant_id}}'."
+            ) from None
+        if variant_id not in flow.variant_ids(node_name):
+            raise FlowTestRequestError(f"Node '{node_name}' has no variant '{variant_id}' in {flow.file}.")
+    if node and (flow.kind != "dag" or flow.node(node) is None):
+        raise FlowTestRequestError(f"{flow.file} has no node '{node}' to test on its own.")
+
+
+def flowtest_start(
+    *,
+    user: AbstractBaseUser,
+    flow_id: int,
+    inputs: Mapping[str, Any],
+    variant: str | None = None,
+    node: str | None = None,
+    init: Mapping[str, Any] | None = None,
+) -> tuple[FlowTest, FlowTestPlan]:
+    """Record a Running test of the flow's saved head and prepare its runner; anyone who can view may test.
+
+    Raises Http404 for a flow the user may not see, FlowTestBusy while the user's previous test of this
+    flow still runs, FlowTestRequestError for a request the flow cannot run. Keeps the newest
+    FLOWTEST_KEEP tests of the flow.
+    """
+    from flowengine import FlowValidationError, load_flow
+    from flows_app.selectors import connection_list_for, connection_map_for_runner, flow_version_get_for
+
+    version = flow_version_get_for(user, flow_id)
+    folder = snapshot_materialize(snapshot_sha=version.snapshot_id)
+    try:
+        engine_flow = load_flow(folder)
+    except FlowValidationError as error:
+        first = error.problems[0] if error.problems else error
+        raise FlowTestRequestError(f"The flow does not load: {first}") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise FlowTestRequestError("The flow has no flow file to test.") from None
+    init = {} if init is None else init
+    _flowtest_check(engine_flow, variant=variant, node=node, inputs=inputs, init=init)
+    names = _flowtest_connection_names(engine_flow, init)
+    if "*" in names:
+        names = set(connection_list_for(user).values_list("name", flat=True))
+    found = connection_map_for_runner(user, names=names)
+    plan = FlowTestPlan(
+        flow_dir=Path(folder),
+        snapshot_sha=version.snapshot_id,
+        connections={name: connection_secrets_for_runner(conn) for name, conn in found.items()},
+        variant=variant or None,
+        node=node or None,
+        init=dict(init),
+        environment_variables={},
+    )
+    with transaction.atomic():
+        import datetime
+
+        fresh = timezone.now() - datetime.timedelta(seconds=FLOWTEST_STALE_SECONDS)
+        running = FlowTest.objects.filter(
+            flow_id=version.flow_id, user=user, status=FlowTest.Status.RUNNING, created_at__gte=fresh
+        )
+        if running.exists():
+            raise FlowTestBusy(
+                f"A test of '{version.flow.name}' is still running: wait for it to finish or cancel it first."
+            )
+        test = FlowTest.objects.create(
+            flow_id=version.flow_id,
+            version=version,
+            user=user,
+            inputs=dict(inputs),
+            variant=variant or "",
+            node=node or "",
+        )
+        old = FlowTest.objects.filter(flow_id=version.flow_id).order_by("-created_at", "-id")[FLOWTEST_KEEP:]
+        FlowTest.objects.filter(pk__in=list(old.values_list("pk", flat=True))).delete()
+    return test, plan
+
+
+def flowtest_finish(
+    *,
+    test_id: int,
+    status: str,
+    outputs: Mapping[str, Any] | None = None,
+    error: Mapping[str, Any] | None = None,
+    logs: list[dict[str, Any]] | None = None,
+    trace: list[dict[str, Any]] | None = None,
+    node_runs: Mapping[str, Any] | None = None,
+    usage: Mapping[str, Any] | None = None,
+    duration_ms: float | None = None,
+) -> bool:
+    """Record how a test ended; only a Running test changes, so a second call has no effect."""
+    if status not in (FlowTest.Status.COMPLETED, FlowTest.Status.FAILED, FlowTest.Status.CANCELED):
+        raise ValueError(f"'{status}' is not a final test status.")
+    changed = FlowTest.objects.filter(pk=test_id, status=FlowTest.Status.RUNNING).update(
+        status=status,
+        outputs=dict(outputs or {}),
+        error=dict(error) if error else None,
+        logs=list(logs or []),
+        trace=list(trace or []),
+        node_runs=dict(node_runs or {}),
+        usage=dict(usage or {}),
+        duration_ms=duration_ms,
+        finished_at=timezone.now(),
+    )
+    return bool(changed)
+
+
+class FlowTestSession:
+    """The runner process behind one test socket.
+
+    Started by the first test, kept warm for the next ones (the turns of a chat) while the plan's files,
+    variant and connections stay the same, closed after FLOWTEST_IDLE_SECONDS without a test. `cancel`
+    and `close` kill its whole process group at once.
+    """
+
+    def __init__(self, *, idle_seconds: float = FLOWTEST_IDLE_SECONDS) -> None:
+        self.runner: Any = None
+        self.key: str | None = None
+        self.canceled = False
+        self.idle_seconds = idle_seconds
+        self._idle: Any = None
+
+    @property
+    def pid(self) -> int | None:
+        """The runner's process id while it runs."""
+        proc = getattr(self.runner, "proc", None)
+        return None if proc is None or proc.returncode is not None else proc.pid
+
+    def _new_runner(self) -> Any:
+        from flowengine.runner import Limits
+        from flowengine.runner_client import RunnerProcess
+
+        limits = Limits(
+            memory_mb=int(getattr(settings, "STUDIO_RUNNER_MEMORY_MB", 1024)),
+            cpu_seconds=int(getattr(settings, "STUDIO_RUNNER_CPU_SECONDS", 600)),
+            open_files=1024,
+            file_size_mb=1024,
+        )
+        return RunnerProcess(
+            env_mode="scrubbed",
+            limits=limits,
+            line_timeout=float(getattr(settings, "STUDIO_RUNNER_TIMEOUT_SECONDS", 600)),
+            kill_grace=FLOWTEST_KILL_GRACE_SECONDS,
+        )
+
+    async def events(self, *, plan: FlowTestPlan, inputs: Mapping[str, Any]) -> Any:
+        """Run one line of the plan and yield its engine events as they happen; the last is LineCompleted."""
+        import contextlib
+
+        from flowengine import events
+        from flowengine.runner_client import RunnerError
+
+        self.canceled = False
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        key = plan.runner_key()
+        if self.runner is not None and (self.key != key or self.pid is None):
+            await self.close()
+        if self.runner is None:
+            self.runner = self._new_runner()
+            self.key = key
+            try:
+                await self.runner.start(
+                    plan.flow_dir,
+                    dict(plan.connections),
+                    plan.variant,
+                    dict(plan.init),
+                    environment_variables=dict(plan.environment_variables),
+                )
+            except RunnerError as error:
+                await self.close()
+                info = error.error or events.ErrorInfo(
+                    code="SystemError", type="RunnerError", message=str(error)
+                )
+                if self.canceled:
+                    info = _canceled_info()
+                yield events.ErrorEvent(error=info)
+                yield events.LineCompleted(line_number=0, status="Failed", error=info)
+                return
+        runner = self.runner
+        async with contextlib.aclosing(
+            runner.run_line(dict(inputs), line_number=0, stream=True, node=plan.node)
+        ) as stream:
+            async for event in stream:
+                yield event
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        import asyncio
+
+        if self.runner is None or self.idle_seconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._idle = loop.call_later(self.idle_seconds, lambda: loop.create_task(self.close()))
+
+    async def cancel(self) -> None:
+        """Stop the running test: its runner's process group is killed (a new runner serves the next test)."""
+        self.canceled = True
+        await self.close()
+
+    async def close(self) -> None:
+        """Kill the runner, if any, and forget it."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        runner, self.runner, self.key = self.runner, None, None
+        if runner is not None:
+            await runner.close()
+
+
+def _canceled_info() -> Any:
+    from flowengine import events
+
+    return events.ErrorInfo(code="UserError", type="Canceled", message="The test was canceled.")

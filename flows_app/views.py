@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
+import io
 import json
 from typing import Any
 
@@ -321,7 +322,7 @@ def flow_file_download(request: HttpRequest, pk: int) -> HttpResponse:
     except FlowPathError as error:
         raise Http404(str(error)) from None
     name = path.rsplit("/", 1)[-1]
-    return FileResponse(iter([data]), as_attachment=True, filename=name, content_type="application/octet-stream")
+    return FileResponse(io.BytesIO(data), as_attachment=True, filename=name, content_type="application/octet-stream")
 
 
 @login_required
@@ -336,7 +337,7 @@ def flow_download(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         data = snapshot_zip(snapshot=version.snapshot)
         filename = f"{version.flow.name}-v{version.number}.zip".replace("/", "_")
-    return FileResponse(iter([data]), as_attachment=True, filename=filename, content_type="application/zip")
+    return FileResponse(io.BytesIO(data), as_attachment=True, filename=filename, content_type="application/zip")
 
 
 @login_required
@@ -398,7 +399,10 @@ def flow_save_file(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def flow_file_add(request: HttpRequest, pk: int) -> HttpResponse:
     """Add an empty file, or a folder when the path ends with '/'."""
-    form = PathForm({**request.POST.dict(), "path": request.htmx.prompt or request.POST.get("path", "")})
+    path = (request.htmx.prompt or request.POST.get("path", "")).strip()
+    if path and request.POST.get("kind") == "folder":
+        path = path.rstrip("/") + "/"
+    form = PathForm({**request.POST.dict(), "path": path})
     if not form.is_valid():
         return _refused(request, pk, "Give a path for the new file, for example prompts/answer.jinja2.")
     try:

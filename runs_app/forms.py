@@ -381,8 +381,8 @@ class RunSubmitForm(_MappingMixin, forms.Form):
         self.fields["variants"].choices = [(v, v) for v in self.interface.variants]
 
         dataset_pk = _int_or_none(source.get("dataset", initial.get("dataset")))
-        self.dataset = next((d for d in self.datasets if d.pk == dataset_pk), None)
-        self.columns: list[str] = list(self.dataset.columns) if self.dataset is not None else []
+        self.chosen_dataset = next((d for d in self.datasets if d.pk == dataset_pk), None)
+        self.columns: list[str] = list(self.chosen_dataset.columns) if self.chosen_dataset is not None else []
         self.base_outputs: list[str] = []
         if base_run is not None and base_run.flow_version is not None:
             self.base_outputs = list(flow_interface(base_run.snapshot_id).outputs)
@@ -474,7 +474,7 @@ class RunSubmitForm(_MappingMixin, forms.Form):
             self.add_error("flow", "This flow no longer exists or is not shared with you.")
         if self.interface.problems:
             self.add_error("flow", "The flow does not load: " + "; ".join(self.interface.problems))
-        if cleaned.get("dataset") is not None and self.dataset is None:
+        if cleaned.get("dataset") is not None and self.chosen_dataset is None:
             self.add_error("dataset", "This dataset no longer exists or is not shared with you.")
         cleaned["column_mapping"] = self._clean_mapping(cleaned, self.interface)
         cleaned["connections"] = {
@@ -493,7 +493,7 @@ class RunSubmitForm(_MappingMixin, forms.Form):
         data = self.cleaned_data
         return {
             "flow_version": self.flow_version,
-            "dataset": self.dataset,
+            "dataset": self.chosen_dataset,
             "column_mapping": data["column_mapping"],
             "variants": list(data.get("variants") or []),
             "base_run": self.base_run,

@@ -1420,8 +1420,8 @@ def _execute_claimed(run: Run, chunk: RunChunk, token: str) -> None:
         status=ChunkStatus.DONE, finished_at=finished_at, heartbeat_at=finished_at, tokens=tokens
     )
     _recount(run.pk, heartbeat_at=finished_at)
-    if not done:
-        _finish_cancel(run.pk)
+    # A cancel that came while the last lines finished: this chunk was the last one running.
+    if _finish_cancel(run.pk) or not done:
         return
     _maybe_aggregate(run.pk, spec)
 

@@ -82,9 +82,13 @@ def _present_lines(lines: Sequence[Any]) -> list[Any]:
     return list(lines)
 
 
-def _span_rows(trace: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _span_rows(trace: Sequence[Mapping[str, Any]], run: Any) -> list[dict[str, Any]]:
     """A line's spans as a depth-first list with depth, duration and a waterfall offset/width in percent."""
     spans = [dict(span) for span in trace if isinstance(span, Mapping)]
+    for span in spans:
+        # The runner names the flow span after its folder, which is the snapshot's hash: show the flow's name.
+        if span.get("kind") == "flow" and span.get("name") == run.snapshot_id and run.flow is not None:
+            span["name"] = run.flow.name
     if not spans:
         return []
     ids = {span.get("span_id") for span in spans}
@@ -176,17 +180,21 @@ def run_new(request: HttpRequest) -> HttpResponse:
             messages.success(request, f"Submitted {len(runs)} run{'s' if len(runs) != 1 else ''}.")
             target = reverse("runs:detail", args=[runs[0].pk]) if len(runs) == 1 else reverse("runs:list")
             return _go(request, target)
-    part = request.GET.get("part", "") if request.htmx else ""
-    context = {"form": form, "base_run": base_run, "yaml_form": RunYamlForm()}
-    if part == "evaluation":
-        evaluation = (
-            form.add_evaluation()
-            if request.GET.get("add")
-            else form.evaluation_form(_int(request.GET.get("index"), 0))
-        )
-        context.update(evaluation=evaluation, oob=bool(request.GET.get("add")))
-    template = f"{NEW}#{part}" if part in {"flow-steps", "evaluation"} else NEW
+    template, context = _wizard_part(request, form)
     return render(request, template, context, status=422 if form.is_bound and form.errors else 200)
+
+
+def _wizard_part(request: HttpRequest, form: RunSubmitForm) -> tuple[str, dict[str, Any]]:
+    """The whole wizard, or (htmx `?part=`) its flow-dependent steps or one evaluation step."""
+    part = request.GET.get("part", "") if request.htmx else ""
+    context: dict[str, Any] = {"form": form, "base_run": form.base_run, "yaml_form": RunYamlForm()}
+    if part == "evaluation":
+        adding = bool(request.GET.get("add"))
+        index = _int(request.GET.get("index"), 0)
+        context["evaluation"] = form.add_evaluation() if adding else form.evaluation_form(index)
+        # A new step also updates the hidden list of steps, out of band.
+        context["oob"] = adding
+    return (f"{NEW}#{part}" if part in {"flow-steps", "evaluation"} else NEW), context
 
 
 @login_required
@@ -223,7 +231,9 @@ def run_list(request: HttpRequest) -> HttpResponse:
         "form": form,
         "page": page,
         "query_without_page": query.urlencode(),
-        "filtered": any(v for k, v in filters.items()),
+        "filtered": any(filters.values()),
+        # While a run on the page is active, the rows refresh themselves every two seconds.
+        "live": any(run.is_active for run in page),
     }
     return render(request, f"{LIST}#rows" if request.htmx else LIST, context)
 
@@ -309,7 +319,7 @@ def run_trace(request: HttpRequest, run_id: UUID) -> HttpResponse:
         line = selectors.run_line_get(run, number)
     except Http404:
         line = None
-    context = {"line": line, "line_number": number, "spans": _span_rows(line.trace if line else [])}
+    context = {"line": line, "line_number": number, "spans": _span_rows(line.trace if line else [], run)}
     if request.htmx and (request.htmx.target or "").startswith("line-trace-"):
         return render(request, f"{TRACE}#tree", {**_status_context(request, run), **context})
     return _run_page(request, run, TRACE, "trace", **context)

@@ -296,7 +296,10 @@
   });
 
   document.addEventListener("DOMContentLoaded", function () { renderAll(document); });
-  document.addEventListener("htmx:afterSettle", function (event) { renderAll(event.detail.elt); });
+  // Out-of-band swaps (the side pane after a save) settle apart from the request's target: look everywhere;
+  // graphs already drawn from the same JSON are skipped.
+  document.addEventListener("htmx:afterSettle", function () { renderAll(document); });
+  document.addEventListener("htmx:oobAfterSwap", function () { renderAll(document); });
   window.addEventListener("resize", function () {
     document.querySelectorAll("[data-dag]").forEach(function (container) {
       if (container._dag) fit(container._dag);

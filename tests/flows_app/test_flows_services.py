@@ -76,14 +76,18 @@ def test_unknown_template_is_refused(owner):
 
 
 def test_file_save_makes_a_new_version_keeping_the_others(owner, flow):
-    version = flow_file_save(flow=flow, user=owner, path="echo.py", content=b"# v2\n", based_on=1, message="tweak")
+    version = flow_file_save(
+        flow=flow, user=owner, path="echo.py", content=b"# v2\n", based_on=1, message="tweak"
+    )
     assert (version.number, version.message, version.based_on.number) == (2, "tweak", 1)
     assert _files(flow) == {"flow.dag.yaml": DAG, "echo.py": b"# v2\n"}
     assert FlowVersion.objects.filter(flow=flow).count() == 2
 
 
 def test_rename_and_delete_of_files_and_folders(owner, flow):
-    flow_files_upload(flow=flow, user=owner, files={"a.txt": b"A", "sub/b.txt": b"B"}, folder="docs", based_on=1)
+    flow_files_upload(
+        flow=flow, user=owner, files={"a.txt": b"A", "sub/b.txt": b"B"}, folder="docs", based_on=1
+    )
     flow_file_rename(flow=flow, user=owner, path="docs", new_path="notes", based_on=2)
     assert set(_files(flow)) == {"flow.dag.yaml", "echo.py", "notes/a.txt", "notes/sub/b.txt"}
     flow_file_rename(flow=flow, user=owner, path="notes/a.txt", new_path="a.txt", based_on=3)
@@ -165,7 +169,10 @@ def test_list_and_history_do_not_query_per_row(owner):
         for number in range(1, 4):
             flow_file_save(flow=made, user=owner, path="a.txt", content=b"v%d" % number, based_on=number)
     with CaptureQueriesContext(connection) as list_queries:
-        rows = [(f.name, f.role, f.head.number, f.head.author.username, f.owner.username) for f in flow_list_for(owner)]
+        rows = [
+            (f.name, f.role, f.head.number, f.head.author.username, f.owner.username)
+            for f in flow_list_for(owner)
+        ]
     assert len(rows) == 5
     assert len(list_queries) <= 2
     with CaptureQueriesContext(connection) as history_queries:

@@ -8,7 +8,13 @@ from django.http import Http404
 
 from accounts_app.models import Team
 from flows_app.models import Blob, Flow, FlowVersion, Snapshot
-from flows_app.selectors import flow_get_for, flow_list_for, flow_role_for, flow_version_get_for, snapshot_get_for
+from flows_app.selectors import (
+    flow_get_for,
+    flow_list_for,
+    flow_role_for,
+    flow_version_get_for,
+    snapshot_get_for,
+)
 from flows_app.services import (
     flow_clone,
     flow_create,

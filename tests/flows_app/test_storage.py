@@ -92,7 +92,9 @@ def test_materialize_writes_a_read_only_folder_cached_by_hash(tmp_path):
     snapshot = snapshot_from_files(files=FILES)
     folder = snapshot_materialize(snapshot_sha=snapshot.sha256, root=tmp_path)
     assert folder == tmp_path / snapshot.sha256
-    assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == FILES
+    assert {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    } == FILES
     assert (folder / "hello.py").stat().st_mode & 0o222 == 0
     assert snapshot_materialize(snapshot_sha=snapshot.sha256, root=tmp_path) == folder
     assert [p.name for p in tmp_path.iterdir()] == [snapshot.sha256]
@@ -107,7 +109,9 @@ def test_concurrent_materialize_callers_all_see_a_complete_folder(tmp_path):
     def build() -> None:
         try:
             folder = snapshot_materialize(snapshot_sha=snapshot.sha256, root=tmp_path)
-            seen.append({p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()})
+            seen.append(
+                {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+            )
         except BaseException as error:
             errors.append(error)
 

@@ -24,6 +24,7 @@ def _data_dir(settings, tmp_path):
     """Diffs materialise snapshots under DATA_DIR: keep them out of the developer's data folder."""
     settings.DATA_DIR = tmp_path
 
+
 DAG_V1 = b"""inputs:
   q: {type: string}
 outputs:
@@ -58,7 +59,9 @@ STEP = b"from promptflow import tool\n\n@tool\ndef step(x: str) -> str:\n    ret
 @pytest.fixture
 def flow(owner, teammate):
     """A DAG flow the teammate may edit too."""
-    made = flow_create(owner=owner, name="shared", files={"flow.dag.yaml": DAG_V1, "step.py": STEP, "notes.md": b"a\n"})
+    made = flow_create(
+        owner=owner, name="shared", files={"flow.dag.yaml": DAG_V1, "step.py": STEP, "notes.md": b"a\n"}
+    )
     flow_share(flow=made, by=owner, user=teammate, role="editor")
     return made
 
@@ -68,10 +71,20 @@ def _rows() -> tuple[int, int, int]:
 
 
 def test_stale_whole_folder_save_raises_conflict_with_the_head(owner, teammate, flow):
-    flow_save(flow=flow, user=teammate, files={"flow.dag.yaml": DAG_V1, "step.py": STEP, "notes.md": b"theirs\n"}, based_on=1)
+    flow_save(
+        flow=flow,
+        user=teammate,
+        files={"flow.dag.yaml": DAG_V1, "step.py": STEP, "notes.md": b"theirs\n"},
+        based_on=1,
+    )
     before = _rows()
     with pytest.raises(FlowConflict) as caught:
-        flow_save(flow=flow, user=owner, files={"flow.dag.yaml": DAG_V1, "step.py": STEP, "notes.md": b"mine\n"}, based_on=1)
+        flow_save(
+            flow=flow,
+            user=owner,
+            files={"flow.dag.yaml": DAG_V1, "step.py": STEP, "notes.md": b"mine\n"},
+            based_on=1,
+        )
     assert caught.value.head.number == 2
     assert caught.value.head.author == teammate
     assert "is at version 2 (saved by teammate)" in str(caught.value)
@@ -145,7 +158,10 @@ def test_diff_lists_files_and_dag_nodes(owner, flow):
 def test_diff_of_identical_versions_is_empty(owner, flow):
     version = flow_restore_version(flow=flow, user=owner, number=1)
     diff = flow_version_diff(a=flow.versions.get(number=1), b=version)
-    assert diff == {"files": [], "dag": {"nodes_added": [], "nodes_removed": [], "nodes_changed": [], "error": None}}
+    assert diff == {
+        "files": [],
+        "dag": {"nodes_added": [], "nodes_removed": [], "nodes_changed": [], "error": None},
+    }
 
 
 def test_diff_reports_an_unreadable_flow_file_instead_of_failing(owner, flow):

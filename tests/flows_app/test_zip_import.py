@@ -103,7 +103,11 @@ HOSTILE = {
         "encoding",
         "caf",
     ),
-    "nul_in_name": (lambda: _patched(_zip(FLOW_FILE, ("xX.py", b"x")), b"xX.py", b"x\x00.py"), "nul", "x\x00.py"),
+    "nul_in_name": (
+        lambda: _patched(_zip(FLOW_FILE, ("xX.py", b"x")), b"xX.py", b"x\x00.py"),
+        "nul",
+        "x\x00.py",
+    ),
     "rtl_override": (lambda: _zip(FLOW_FILE, ("evil\u202etxt.py", b"x")), "control", "evil\u202etxt.py"),
     "depth_bomb": (lambda: _zip(FLOW_FILE, ("d/" * 200 + "x", b"x")), "too_deep", "d/d/d"),
     "ratio_bomb": (lambda: _zip(FLOW_FILE, ("zeros.bin", b"\0" * (5 * 1024 * 1024))), "ratio", "zeros.bin"),
@@ -220,7 +224,9 @@ def test_nested_zip_is_stored_as_a_file_not_extracted(owner):
 def test_secrets_files_are_plain_files(owner):
     files = {".env": b"OPENAI_API_KEY=sk-x", "connections.json": b"{}", "key.pem": b"-----"}
     version = flow_import_zip(owner=owner, data=_zip(FLOW_FILE, *files.items()), name="with dotfiles")
-    assert {path: data for path, data in snapshot_files(snapshot=version.snapshot).items() if path in files} == files
+    assert {
+        path: data for path, data in snapshot_files(snapshot=version.snapshot).items() if path in files
+    } == files
     from flows_app.models import Connection
 
     assert not Connection.objects.exists()

@@ -8,6 +8,7 @@ so other test sessions on this machine never take our messages.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -46,7 +47,9 @@ def database_url_for_children() -> str:
     user = quote(params.get("USER") or "", safe="")
     password = quote(params.get("PASSWORD") or "", safe="")
     auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
-    return f"postgres://{auth}{params.get('HOST') or '127.0.0.1'}:{params.get('PORT') or 5432}/{params['NAME']}"
+    return (
+        f"postgres://{auth}{params.get('HOST') or '127.0.0.1'}:{params.get('PORT') or 5432}/{params['NAME']}"
+    )
 
 
 def _stop(process: subprocess.Popen[bytes], signum: int = signal.SIGKILL) -> None:
@@ -128,6 +131,17 @@ class WorkerPool:
         log = self.root / f"{name}.log"
         workdir = cwd or REPO
         with log.open("wb") as out:
+            if not env.get("REDIS_URL") and not (folder / "channels.sqlite3").exists():
+                # The embedded channel layer is a SQLite file per data dir: give it its tables.
+                subprocess.run(
+                    [sys.executable, "manage.py", "migrate", "--database", "channels", "--verbosity", "0"],
+                    cwd=REPO,
+                    env=env,
+                    check=True,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=120,
+                )
             process = subprocess.Popen(
                 [
                     sys.executable,
@@ -182,9 +196,17 @@ def _private_broker(root: Path) -> Path | None:
         "store_processed": False,
         "polling_interval": 0.2,
     }
-    app.pool.force_close_all()
-    app._pool = None
+    _reset_producers(app)
     return broker
+
+
+def _reset_producers(app: Any) -> None:
+    # Celery caches connections and producers made with the old options: drop them.
+    from kombu import pools
+
+    pools.reset()
+    app._pool = None
+    app.amqp._producer_pool = None
 
 
 @pytest.fixture
@@ -207,12 +229,13 @@ def run_workers(transactional_db: None, tmp_path: Path) -> Iterator[WorkerPool]:
     finally:
         pool.stop_all()
         app.conf.broker_transport_options = saved
-        app.pool.force_close_all()
-        app._pool = None
+        _reset_producers(app)
         shutil.rmtree(root, ignore_errors=True)
 
 
-def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, logs: Callable[[], str] = str) -> Any:
+def wait_for(
+    condition: Callable[[], Any], *, timeout: float, what: str, logs: Callable[[], str] = str
+) -> Any:
     """Poll `condition` until it returns something truthy; fail naming `what` (and the workers' logs)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -222,3 +245,97 @@ def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, logs: C
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{logs()}")
         time.sleep(0.1)
+
+
+# --- flows and datasets the tests put into the studio ------------------------------------------------------
+
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "flows"
+
+SQUARE_DAG = """\
+inputs:
+  x:
+    type: int
+  pause:
+    type: double
+    default: 0.0
+outputs:
+  y:
+    type: int
+    reference: ${square.output}
+nodes:
+- name: square
+  type: python
+  source:
+    type: code
+    path: square.py
+  inputs:
+    x: ${inputs.x}
+    pause: ${inputs.pause}
+- name: total
+  type: python
+  source:
+    type: code
+    path: total.py
+  inputs:
+    ys: ${square.output}
+  aggregation: true
+"""
+
+SQUARE_PY = """\
+import asyncio
+import os
+import signal
+
+from promptflow.core import tool
+
+
+@tool
+async def square(x: int, pause: float = 0.0) -> int:
+    if pause:
+        await asyncio.sleep(pause)
+    if x == -1:
+        # A line that kills its own runner process, every time it runs.
+        os.kill(os.getpid(), signal.SIGKILL)
+    if x == -2:
+        raise ValueError("negative two is not welcome")
+    return x * x
+"""
+
+TOTAL_PY = """\
+from promptflow.core import log_metric, tool
+
+
+@tool
+def total(ys: list) -> dict:
+    log_metric("sum", sum(ys))
+    log_metric("lines", len(ys))
+    return {"sum": sum(ys)}
+"""
+
+
+def square_files() -> dict[str, bytes]:
+    """A pure-python DAG flow: y = x * x after an optional pause, with a sum metric."""
+    return {
+        "flow.dag.yaml": SQUARE_DAG.encode(),
+        "square.py": SQUARE_PY.encode(),
+        "total.py": TOTAL_PY.encode(),
+    }
+
+
+def jsonl(rows: list[dict[str, Any]]) -> bytes:
+    """Rows as JSON Lines."""
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def corpus_files(name: str) -> dict[str, bytes]:
+    """A corpus flow folder's files, without its recordings."""
+    from flows_app.services import files_from_folder
+
+    files = files_from_folder(root=CORPUS / name)
+    return {p: d for p, d in files.items() if p not in ("cases.json", "expected.json")}
+
+
+def corpus_case(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """cases.json and expected.json of a corpus flow."""
+    folder = CORPUS / name
+    return json.loads((folder / "cases.json").read_text()), json.loads((folder / "expected.json").read_text())

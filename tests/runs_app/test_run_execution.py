@@ -1,0 +1,40 @@
+"""Batch runs executed by real Celery workers: chunks, line results written once, aggregation once."""
+
+from __future__ import annotations
+
+import pytest
+from django.db.models import Count
+
+from runs_app import services
+from runs_app.models import ChunkStatus, LineResult, Run, RunChunk, RunStatus
+from tests.runs_app.conftest import jsonl, square_files, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True, databases="__all__")]
+
+
+def _finished(run: Run) -> Run | None:
+    run.refresh_from_db()
+    return run if run.status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED) else None
+
+
+def test_batch_run_computes_every_line_once_and_aggregates(owner, run_workers):
+    from flows_app.services import flow_create
+
+    flow = flow_create(owner=owner, name="square", files=square_files())
+    dataset = services.dataset_create(
+        owner=owner, name="numbers", filename="numbers.jsonl", data=jsonl([{"x": i} for i in range(300)])
+    )
+    run_workers.start(concurrency=2)
+
+    run = services.run_create(user=owner, flow_version=flow.head, dataset=dataset, column_mapping={})
+
+    wait_for(lambda: _finished(run), timeout=90, what="the run to finish", logs=run_workers.logs)
+    assert run.status == RunStatus.COMPLETED, (run.error, run_workers.logs())
+    lines = LineResult.objects.filter(run=run)
+    assert lines.count() == 300
+    assert not lines.values("line_number").annotate(n=Count("id")).filter(n__gt=1).exists()
+    assert {line.line_number: line.outputs["y"] for line in lines} == {i: i * i for i in range(300)}
+    assert run.metrics == {"sum": sum(i * i for i in range(300)), "lines": 300}
+    assert run.done_lines == 300 and run.failed_lines == 0
+    assert RunChunk.objects.filter(run=run).exclude(status=ChunkStatus.DONE).count() == 0
+    assert run.started_at is not None and run.finished_at >= run.started_at
