@@ -75,7 +75,11 @@ CASES: dict[str, list[dict[str, Any]]] = {
     ],
     "dag_llm_chat": [
         {"name": "defaults_json", "accept": JSON, "json": {}},
-        {"name": "question_json", "accept": JSON, "json": {"question": "How do rivers form?", "style": "detailed"}},
+        {
+            "name": "question_json",
+            "accept": JSON,
+            "json": {"question": "How do rivers form?", "style": "detailed"},
+        },
         {"name": "sse_only_no_stream_output", "accept": SSE, "json": {}},
         {"name": "sse_and_json_no_stream_output", "accept": f"{SSE}, {JSON}", "json": {}},
         {"name": "invalid_json", "accept": JSON, "raw": "{not json"},
@@ -163,7 +167,9 @@ class PromptFlowHome:
 
     def run(self, args: list[str]) -> str:
         """Run a `pf` command in this home; its stdout."""
-        done = subprocess.run([str(self.pf), *args], env=self.env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [str(self.pf), *args], env=self.env, capture_output=True, text=True, timeout=300
+        )
         if done.returncode != 0:
             raise RuntimeError(f"pf {' '.join(args)} failed: {done.stderr.strip()[-1500:]}")
         return done.stdout
@@ -194,7 +200,9 @@ class PromptFlowHome:
         log = (scratch / "serve.log").open("wb")
         cmd = [str(self.pf), "flow", "serve", "--source", str(copy), "--port", str(port)]
         cmd += ["--host", "127.0.0.1", "--engine", engine, "--skip-open-browser"]
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(url, proc)
@@ -291,7 +299,9 @@ def record_flow(home: PromptFlowHome, fake: Any, name: str, engine: str) -> dict
 
 def main() -> int:
     """Record every flow named (default: all of CASES) into tests/data/serving/."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("flows", nargs="*", help=f"default: {' '.join(CASES)}")
     parser.add_argument("--engine", choices=("fastapi", "flask"), help="default: fastapi (flask for prompty)")
     args = parser.parse_args()

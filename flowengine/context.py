@@ -34,6 +34,7 @@ class RunContext:
     metrics: dict[str, Any] | None = None
     usage: dict[str, int] = field(default_factory=dict)
     flow_dir: str | None = None
+    trace: bool = True  # False when nobody reads TraceSpan events: spans are then not built
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_usage(self, usage: Mapping[str, Any] | None) -> None:
@@ -124,6 +125,10 @@ def span(name: str, kind: str = "function", inputs: Any = None) -> Iterator[Span
 
     Usage recorded on the handle is added to the line's token total, so an LLM call counts once.
     """
+    ctx = _run.get()
+    if ctx is not None and not ctx.trace:
+        yield from _untraced_span(ctx)
+        return
     span_id = uuid.uuid4().hex[:16]
     parent = _span.get()
     handle = SpanHandle(span_id)
@@ -161,6 +166,24 @@ def span(name: str, kind: str = "function", inputs: Any = None) -> Iterator[Span
                     attributes={**handle.attributes, **({"node_name": _node.get()} if _node.get() else {})},
                 )
             )
+
+
+def _untraced_span(ctx: RunContext) -> Iterator[SpanHandle]:
+    """A span of a line whose traces nobody reads: only its token usage (and that of `@trace` calls) counts."""
+    handle = SpanHandle("")
+    try:
+        with hooks.collect_spans(_usage_sink(ctx)):
+            yield handle
+    finally:
+        if handle.usage:
+            ctx.add_usage(handle.usage)
+
+
+def _usage_sink(ctx: RunContext) -> Callable[[dict[str, Any]], None]:
+    def sink(data: dict[str, Any]) -> None:
+        ctx.add_usage(data.get("usage") or None)
+
+    return sink
 
 
 def _hook_sink(ctx: RunContext) -> Callable[[dict[str, Any]], None]:

@@ -18,7 +18,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,6 +224,7 @@ class FlowExecutor:
             max_workers=self.max_concurrency, thread_name_prefix="flowengine-node"
         )
         self._tools: dict[str, Callable[..., Any]] = {}
+        self._templates: dict[tuple[str, str], str] = {}
         self._load_lock = threading.Lock()
         self._entry: Any = None
         self._entry_lock: asyncio.Lock | None = None
@@ -272,14 +273,17 @@ class FlowExecutor:
         line_number: int | None = None,
         node: str | None = None,
         stream: bool = False,
+        event_types: Collection[str] | None = None,
     ) -> AsyncIterator[Event]:
         """Run one line and yield its events; the last one is always LineCompleted.
 
         `node` runs that single node with `inputs` holding flow inputs and, for each node it depends on,
         `<node>.output` (or `${<node>.output}`). With `stream`, outputs that are streams arrive as
-        OutputChunk events after a StreamStarted event carrying the other outputs.
+        OutputChunk events after a StreamStarted event carrying the other outputs. `event_types` limits
+        the events to these types (LineCompleted always comes); without "trace_span" no spans are built.
         """
-        async for event in self._drive(self._line_body(dict(inputs), line_number, node, stream), line_number):
+        body = self._line_body(dict(inputs), line_number, node, stream)
+        async for event in self._drive(body, line_number, event_types):
             yield event
 
     async def run_line_result(self, inputs: Mapping[str, Any], **kwargs: Any) -> LineResult:
@@ -319,17 +323,30 @@ class FlowExecutor:
     # -- plumbing -------------------------------------------------------------------------------------------
 
     async def _drive(
-        self, body: Callable[[ctxmod.RunContext], Awaitable[None]], line_number: int | None
+        self,
+        body: Callable[[ctxmod.RunContext], Awaitable[None]],
+        line_number: int | None,
+        event_types: Collection[str] | None = None,
     ) -> AsyncIterator[Event]:
         """Run `body` as its own task with a fresh RunContext and relay the events it emits."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        sink = ctxmod.make_threadsafe_sink(loop, queue.put_nowait)
+        put: Callable[[Any], None] = queue.put_nowait
+        if event_types is not None:
+            wanted = frozenset(event_types) | {LineCompleted.type}
+            relay = put
+
+            def put(event: Any) -> None:
+                # Unwanted events stop here rather than travel through the queue to be dropped later.
+                if event.type in wanted:
+                    relay(event)
+
         ctx = ctxmod.RunContext(
-            sink=sink,
+            sink=ctxmod.make_threadsafe_sink(loop, put),
             line_number=line_number,
             connections=self.connections,
             flow_dir=str(self.flow.path),
+            trace=event_types is None or TraceSpan.type in event_types,
         )
 
         async def runner() -> None:
@@ -722,7 +739,7 @@ class FlowExecutor:
 
             values = self._node_inputs(line, node, None)
             rel = node.source.path or ""
-            template = read_template(self.flow.path, rel)
+            template = self._template_text("prompt", rel, lambda: read_template(self.flow.path, rel))
             return run_prompt_node(
                 template=template,
                 template_path=rel,
@@ -783,6 +800,14 @@ class FlowExecutor:
         except python_tool.ToolLoadError as exc:
             raise FlowRunError(f"cannot load '{rel}': {exc}", node=node.name) from None
 
+    def _template_text(self, kind: str, rel: str, read: Callable[[], str]) -> str:
+        """A node's template, read once per executor (prompt flow too reads it when the flow loads)."""
+        key = (kind, rel)
+        text = self._templates.get(key)
+        if text is None:
+            text = self._templates[key] = read()
+        return text
+
     def _source_file(self, rel: str) -> Path:
         """A node's source file: in the flow folder, or brought by additional_includes."""
         target = (self.flow.path / rel).resolve()
@@ -802,7 +827,9 @@ class FlowExecutor:
         if not node.connection or node.connection not in self.connections:
             raise FlowRunError(f"connection '{node.connection}' is not defined", node=node.name)
         rel = node.source.path or ""
-        template = self._source_file(rel).read_text(encoding="utf-8-sig")
+        template = self._template_text(
+            "llm", rel, lambda: self._source_file(rel).read_text(encoding="utf-8-sig")
+        )
         custom = node.type == "custom_llm"
         api = (values.pop("api", None) if custom else None) or node.api or "chat"
         with ctxmod.span(f"{node.name}.{api}", "llm", values) as llm_span:

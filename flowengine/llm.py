@@ -133,6 +133,21 @@ def get_client(conn: Connection, *, timeout: float | None = None) -> openai.Asyn
     return client
 
 
+def _http_client() -> Any:
+    """The SDK's aiohttp-based HTTP client, or None (the SDK's httpx default) without the `aiohttp` extra.
+
+    With many calls in flight the httpx connection pool re-checks every open connection on each request,
+    which costs more CPU than the call itself at a hundred lines in flight; aiohttp's pool does not.
+    """
+    factory = getattr(openai, "DefaultAioHttpClient", None)
+    if factory is None:
+        return None
+    try:
+        return factory()
+    except RuntimeError:  # the SDK raises this when aiohttp is not installed
+        return None
+
+
 def _make_client(conn: Connection, timeout: float) -> openai.AsyncOpenAI:
     if conn.type == "azure_open_ai":
         if not conn.api_base:
@@ -143,6 +158,7 @@ def _make_client(conn: Connection, timeout: float) -> openai.AsyncOpenAI:
             azure_endpoint=conn.api_base,
             max_retries=0,
             timeout=timeout,
+            http_client=_http_client(),
         )
     # Local OpenAI-compatible servers (Ollama, vLLM) often need no key, but the SDK insists on one.
     return openai.AsyncOpenAI(
@@ -151,6 +167,7 @@ def _make_client(conn: Connection, timeout: float) -> openai.AsyncOpenAI:
         organization=conn.organization or None,
         max_retries=0,
         timeout=timeout,
+        http_client=_http_client(),
     )
 
 

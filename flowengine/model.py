@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -129,6 +130,12 @@ def parse_reference(value: Any) -> Reference | None:
     """Parse a whole-value `${...}` reference as prompt flow does, or None for a literal."""
     if not isinstance(value, str):
         return None
+    return _parse_reference_text(value)
+
+
+# The executor resolves every node input of every line: the same few texts, parsed once.
+@functools.lru_cache(maxsize=4096)
+def _parse_reference_text(value: str) -> Reference | None:
     match = _REFERENCE_RE.match(value.strip())
     if not match:
         return None

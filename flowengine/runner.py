@@ -330,6 +330,7 @@ class Runner:
                     line_number=line_number,
                     node=request.get("node"),
                     stream=bool(request.get("stream")),
+                    event_types=wanted or None,
                 ):
                     if isinstance(ev, events.LineCompleted):
                         self._flush_logs(request_id, line_number)

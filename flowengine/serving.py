@@ -47,7 +47,14 @@ SWAGGER_TYPES = {
     "object": "object",
     "image": "object",
 }
-FLEX_ANNOTATIONS = {"int": "int", "float": "double", "bool": "bool", "str": "string", "list": "list", "dict": "object"}
+FLEX_ANNOTATIONS = {
+    "int": "int",
+    "float": "double",
+    "bool": "bool",
+    "str": "string",
+    "list": "list",
+    "dict": "object",
+}
 
 __all__ = [
     "FlowInterface",
@@ -196,7 +203,9 @@ class FlowInterface:
             params = dict(getattr(spec, "parameters", None) or {})
             return cls(name, "prompty", inputs, outputs, bool(params.get("stream")), sample)
         outputs = tuple(
-            ServedOutput(o.name, o.type, o.description, o.is_chat_output, bool(getattr(o, "evaluation_only", False)))
+            ServedOutput(
+                o.name, o.type, o.description, o.is_chat_output, bool(getattr(o, "evaluation_only", False))
+            )
             for o in flow.outputs.values()
         )
         return cls(name, "dag", inputs, outputs, _dag_may_stream(flow), sample)
@@ -495,7 +504,9 @@ class RunnerPool:
         await self.start()
         index = min(range(len(self.runners)), key=self._load.__getitem__)
         self._load[index] += 1
-        line = self.runners[index].run_line(inputs, stream=stream, request_id=request_id, event_types=event_types)
+        line = self.runners[index].run_line(
+            inputs, stream=stream, request_id=request_id, event_types=event_types
+        )
         try:
             # aclosing: an early close reaches the runner's iterator at once, which sends the cancel.
             async with contextlib.aclosing(line):
@@ -626,7 +637,12 @@ class ScoreApp:
             return _error(400, "UserError", message, self.headers)
         missing = [name for name in self.interface.required if name not in data]
         if missing:
-            return _error(400, "UserError", f"Required input fields {missing} are missing in request data.", self.headers)
+            return _error(
+                400,
+                "UserError",
+                f"Required input fields {missing} are missing in request data.",
+                self.headers,
+            )
         # A JSON array or string that passes the check names no inputs: the flow runs on its defaults.
         return data if isinstance(data, dict) else {}
 
@@ -658,7 +674,9 @@ class ScoreApp:
                     streams = [s for s in ev.streams if s not in self.outputs_to_remove]
                     if len(streams) > 1:
                         await line.aclose()
-                        return _error(400, "UserError", "Multiple stream output fields not supported.", self.headers)
+                        return _error(
+                            400, "UserError", "Multiple stream output fields not supported.", self.headers
+                        )
                     if streams:
                         return self._sse(ev, streams[0], line)
                 elif isinstance(ev, events.LineCompleted):
@@ -675,7 +693,9 @@ class ScoreApp:
         if ev.status != "Completed":
             error = ev.error
             if error is None:
-                return _error(500, "SystemError", "Flow execution failed without error message.", self.headers)
+                return _error(
+                    500, "SystemError", "Flow execution failed without error message.", self.headers
+                )
             status = 400 if error.code == "UserError" else 500
             return _error(status, error.code, error.message, self.headers)
         if sse_only:
@@ -758,7 +778,9 @@ def asgi_app(app: ScoreApp, *, max_body: int = 32 * 1024 * 1024) -> Callable[...
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > max_body:
-                await _send_response(send, _error(413, "UserError", f"The request body exceeds {max_body} bytes."))
+                await _send_response(
+                    send, _error(413, "UserError", f"The request body exceeds {max_body} bytes.")
+                )
                 return
             chunks.append(chunk)
             if not message.get("more_body"):
@@ -920,7 +942,9 @@ def cmd_flow_serve(args: argparse.Namespace) -> int:
 
 def add_serve_parser(flow_commands: Any) -> None:
     """Register `flow serve` under the CLI's `flow` sub-commands."""
-    p = flow_commands.add_parser("serve", help="serve a flow as a local endpoint (/score, /health, /swagger.json)")
+    p = flow_commands.add_parser(
+        "serve", help="serve a flow as a local endpoint (/score, /health, /swagger.json)"
+    )
     p.add_argument("--flow", "--source", dest="flow", required=True, help="flow folder or file")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1")

@@ -53,10 +53,16 @@ def _compile(template: str) -> jinja2.Template:
 
 def template_variables(template: str) -> set[str]:
     """The undeclared variables a template reads (its inputs); empty when it does not parse."""
+    return set(_template_variables(template))
+
+
+# An llm node checks its template's variables on every line; parsing it each time costs more than the render.
+@functools.lru_cache(maxsize=512)
+def _template_variables(template: str) -> frozenset[str]:
     try:
-        return set(meta.find_undeclared_variables(sandbox_environment().parse(template)))
+        return frozenset(meta.find_undeclared_variables(sandbox_environment().parse(template)))
     except jinja2.TemplateSyntaxError:
-        return set()
+        return frozenset()
 
 
 def render_template(

@@ -73,7 +73,12 @@ def editor_context(
     manifest = version.snapshot.manifest
     if path is None or path not in manifest:
         path = main_file(manifest)
-    context: dict[str, Any] = {"path": path, "line": line, "structured": mode == "structured", "version": version}
+    context: dict[str, Any] = {
+        "path": path,
+        "line": line,
+        "structured": mode == "structured",
+        "version": version,
+    }
     if mode == "structured":
         context["structure"] = structure_context(version)
     if path is None:
@@ -170,7 +175,9 @@ def file_add(user: AbstractBaseUser, flow_id: int, *, path: str, based_on: int) 
     manifest = base.snapshot.manifest
     if target in manifest or any(p.startswith(target + "/") for p in manifest):
         raise ValidationError(f"'{target}' already exists.")
-    return flow_file_save(flow=flow, user=user, path=target, content=b"", based_on=based_on, message=f"Add {target}")
+    return flow_file_save(
+        flow=flow, user=user, path=target, content=b"", based_on=based_on, message=f"Add {target}"
+    )
 
 
 def structure_edit(

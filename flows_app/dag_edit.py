@@ -160,10 +160,7 @@ def node_source_file(*, name: str, type: str) -> tuple[str, str]:
     """The (path, starter content) of the source file a new node of `type` gets."""
     if type == "python":
         return f"{name}.py", (
-            "from promptflow.core import tool\n\n\n"
-            "@tool\n"
-            f"def {name}(text: str) -> str:\n"
-            "    return text\n"
+            f"from promptflow.core import tool\n\n\n@tool\ndef {name}(text: str) -> str:\n    return text\n"
         )
     if type == "llm":
         return f"{name}.jinja2", "system:\nYou are a helpful assistant.\n\nuser:\n{{text}}\n"

@@ -140,7 +140,9 @@ def _touches(start: int, end: int, i1: int, i2: int) -> bool:
     return i1 == i2 and start <= i1 <= end or start == end and i1 <= start <= i2
 
 
-def merge3(base: str, ours: str, theirs: str, *, ours_label: str = "yours", theirs_label: str = "theirs") -> MergeResult:
+def merge3(
+    base: str, ours: str, theirs: str, *, ours_label: str = "yours", theirs_label: str = "theirs"
+) -> MergeResult:
     """Merge two edits of `base` line by line; regions both sides changed differently get conflict markers."""
     base_lines = base.splitlines(keepends=True)
     ours_edits = [(*e, "ours") for e in _edits(base_lines, ours.splitlines(keepends=True))]

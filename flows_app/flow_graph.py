@@ -71,7 +71,9 @@ def _io_nodes(flow: Flow) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             "kind": "input",
             "label": name,
             "type": spec.type,
-            "detail": "chat input" if spec.is_chat_input else ("chat history" if spec.is_chat_history else ""),
+            "detail": "chat input"
+            if spec.is_chat_input
+            else ("chat history" if spec.is_chat_history else ""),
             "file": flow.file,
             "line": spec.line,
             "signature": json.dumps([spec.type, spec.default, spec.is_chat_input], default=str),
@@ -134,11 +136,15 @@ def _dag_graph(flow: Flow, problems: Mapping[str, list[str]]) -> Graph:
             source = _ref_source(value)
             if source in known and (source, "data") not in seen:
                 seen.add((source, "data"))
-                edges.append({"source": source, "target": _node_id(node.name), "kind": "data", "label": field_name})
+                edges.append(
+                    {"source": source, "target": _node_id(node.name), "kind": "data", "label": field_name}
+                )
         if node.activate is not None:
             source = _ref_source(node.activate.when)
             if source in known:
-                edges.append({"source": source, "target": _node_id(node.name), "kind": "activate", "label": "activate"})
+                edges.append(
+                    {"source": source, "target": _node_id(node.name), "kind": "activate", "label": "activate"}
+                )
     nodes.extend(outputs)
     for name, spec in flow.outputs.items():
         source = _ref_source(spec.reference)
@@ -154,8 +160,16 @@ def _single_step_graph(flow: Flow, problems: Sequence[Problem]) -> Graph:
     if not inputs and isinstance(sample_inputs, Mapping):
         # A flex flow's inputs are its entry's parameters; the sample names them without importing user code.
         inputs = [
-            {"id": _input_id(name), "kind": "input", "label": name, "type": "", "detail": "sample",
-             "file": flow.file, "line": None, "signature": name}
+            {
+                "id": _input_id(name),
+                "kind": "input",
+                "label": name,
+                "type": "",
+                "detail": "sample",
+                "file": flow.file,
+                "line": None,
+                "signature": name,
+            }
             for name in sample_inputs
         ]
     if flow.kind == "flex":
@@ -192,8 +206,16 @@ def _single_step_graph(flow: Flow, problems: Sequence[Problem]) -> Graph:
     step["signature"] = json.dumps([step["label"], step["detail"]])
     if not outputs:
         outputs = [
-            {"id": _output_id("output"), "kind": "output", "label": "output", "type": "", "detail": "",
-             "file": flow.file, "line": None, "signature": "output"}
+            {
+                "id": _output_id("output"),
+                "kind": "output",
+                "label": "output",
+                "type": "",
+                "detail": "",
+                "file": flow.file,
+                "line": None,
+                "signature": "output",
+            }
         ]
     edges = [{"source": n["id"], "target": step["id"], "kind": "data", "label": ""} for n in inputs]
     edges += [{"source": step["id"], "target": n["id"], "kind": "data", "label": ""} for n in outputs]
@@ -242,5 +264,7 @@ def graph_diff(old: Graph, new: Graph, *, changed_files: Iterable[str] = ()) -> 
     new_edges = {key(e): e for e in new["edges"]}
     edges = [{**e, "diff": "same" if k in old_edges else "added"} for k, e in new_edges.items()]
     edges += [{**e, "diff": "removed"} for k, e in old_edges.items() if k not in new_edges]
-    counts = {status: sum(1 for n in nodes if n["diff"] == status) for status in ("added", "removed", "changed")}
+    counts = {
+        status: sum(1 for n in nodes if n["diff"] == status) for status in ("added", "removed", "changed")
+    }
     return {"kind": new.get("kind", old.get("kind")), "nodes": nodes, "edges": edges, "counts": counts}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from django import forms
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 
 from flows_app.models import Connection
@@ -287,6 +289,28 @@ class UploadForm(forms.Form):
     # Browsers strip folders from uploaded file names; the page sends each file's relative path here.
     paths = forms.CharField(required=False, widget=forms.HiddenInput)
 
+    def clean(self) -> dict[str, Any]:
+        """At least one file in the repeated `files` field."""
+        cleaned = super().clean()
+        if not self.files.getlist("files"):
+            raise ValidationError("Choose at least one file to upload.")
+        return cleaned
+
+    def named_files(self) -> dict[str, bytes]:
+        """{relative path: content} of the uploads: the paths the page sent, else the plain file names."""
+        uploads = self.files.getlist("files")
+        try:
+            names = json.loads(self.cleaned_data["paths"] or "[]")
+        except ValueError:
+            names = []
+        if not (
+            isinstance(names, list)
+            and len(names) == len(uploads)
+            and all(isinstance(n, str) and n for n in names)
+        ):
+            names = [upload.name for upload in uploads]
+        return {name: upload.read() for name, upload in zip(names, uploads, strict=True)}
+
 
 class AddInputForm(forms.Form):
     """A new flow input, added to flow.dag.yaml by the structured view."""
@@ -348,8 +372,14 @@ class ShareForm(forms.Form):
         self.fields["team"] = team
 
     def clean(self) -> dict[str, Any]:
-        """Exactly one of user name and team."""
+        """Exactly one of user name and team; the user name must name a user."""
         cleaned = super().clean()
-        if bool(cleaned.get("username")) == bool(cleaned.get("team")):
+        username = cleaned.get("username")
+        if bool(username) == bool(cleaned.get("team")):
             raise ValidationError("Give either a user name or a team.")
+        cleaned["user"] = None
+        if username:
+            cleaned["user"] = get_user_model().objects.filter(username=username).first()
+            if cleaned["user"] is None:
+                raise ValidationError(f"There is no user named '{username}'.")
         return cleaned

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from uuid import UUID
-
 import io
-import json
 from typing import Any
+from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
-from django_htmx.http import HttpResponseClientRedirect, retarget, reswap, trigger_client_event
+from django_htmx.http import HttpResponseClientRedirect, reswap, retarget, trigger_client_event
 
 from flows_app import authoring
 from flows_app.forms import (
@@ -205,7 +202,13 @@ def flow_list(request: HttpRequest) -> HttpResponse:
         flows = flows.filter(owner=request.user)
     elif scope == "shared":
         flows = flows.exclude(owner=request.user)
-    context = {"flows": flows, "q": query, "scope": scope, "team_id": team_id, "teams": teams_for(request.user)}
+    context = {
+        "flows": flows,
+        "q": query,
+        "scope": scope,
+        "team_id": team_id,
+        "teams": teams_for(request.user),
+    }
     return render(request, f"{FLOW_LIST}#rows" if request.htmx else FLOW_LIST, context)
 
 
@@ -236,7 +239,9 @@ def flow_import(request: HttpRequest) -> HttpResponse:
     if form.is_valid():
         try:
             version = flow_import_zip(
-                owner=request.user, data=form.cleaned_data["archive"].read(), name=form.flow_name(),
+                owner=request.user,
+                data=form.cleaned_data["archive"].read(),
+                name=form.flow_name(),
                 team=form.cleaned_data["team"],
             )
         except EDIT_ERRORS as error:
@@ -290,8 +295,12 @@ def flow_clone_view(request: HttpRequest, pk: int) -> HttpResponse:
 def flow_detail(request: HttpRequest, pk: int) -> HttpResponse:
     """The authoring page: file tree, editor (raw or structured) and the graph, inputs/outputs and problems."""
     context = authoring.page_context(
-        request.user, pk, number=_int(request.GET.get("version")), path=request.GET.get("file"),
-        mode=request.GET.get("mode"), line=_int(request.GET.get("line")),
+        request.user,
+        pk,
+        number=_int(request.GET.get("version")),
+        path=request.GET.get("file"),
+        mode=request.GET.get("mode"),
+        line=_int(request.GET.get("line")),
     )
     return render(request, WORKSPACE, context)
 
@@ -322,7 +331,9 @@ def flow_file_download(request: HttpRequest, pk: int) -> HttpResponse:
     except FlowPathError as error:
         raise Http404(str(error)) from None
     name = path.rsplit("/", 1)[-1]
-    return FileResponse(io.BytesIO(data), as_attachment=True, filename=name, content_type="application/octet-stream")
+    return FileResponse(
+        io.BytesIO(data), as_attachment=True, filename=name, content_type="application/octet-stream"
+    )
 
 
 @login_required
@@ -337,7 +348,9 @@ def flow_download(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         data = snapshot_zip(snapshot=version.snapshot)
         filename = f"{version.flow.name}-v{version.number}.zip".replace("/", "_")
-    return FileResponse(io.BytesIO(data), as_attachment=True, filename=filename, content_type="application/zip")
+    return FileResponse(
+        io.BytesIO(data), as_attachment=True, filename=filename, content_type="application/zip"
+    )
 
 
 @login_required
@@ -353,8 +366,12 @@ def _changed(request: HttpRequest, pk: int, note: str, **extra: Any) -> HttpResp
     if not request.htmx:
         messages.success(request, note)
         return redirect(_flow_url(pk, file=extra.get("path")))
-    context = authoring.page_context(request.user, pk, number=None, path=extra.get("path"), mode=extra.get("mode"))
-    response = render(request, f"{WORKSPACE}#changed", {**context, "note": note, "with_editor": "mode" in extra})
+    context = authoring.page_context(
+        request.user, pk, number=None, path=extra.get("path"), mode=extra.get("mode")
+    )
+    response = render(
+        request, f"{WORKSPACE}#changed", {**context, "note": note, "with_editor": "mode" in extra}
+    )
     detail = {"version": context["version"].number, "note": note, **extra}
     return trigger_client_event(response, "flow-changed", detail)
 
@@ -381,18 +398,33 @@ def flow_save_file(request: HttpRequest, pk: int) -> HttpResponse:
     data = form.cleaned_data
     try:
         version = flow_file_save(
-            flow=flow_get_for(request.user, pk, edit=True), user=request.user, path=data["path"],
-            content=data["content"].encode(), based_on=data["based_on"], message=data["message"],
+            flow=flow_get_for(request.user, pk, edit=True),
+            user=request.user,
+            path=data["path"],
+            content=data["content"].encode(),
+            based_on=data["based_on"],
+            message=data["message"],
         )
     except FlowConflict as conflict:
         context = authoring.conflict_context(
-            request.user, pk, path=data["path"], mine=data["content"], based_on=data["based_on"], head=conflict.head
+            request.user,
+            pk,
+            path=data["path"],
+            mine=data["content"],
+            based_on=data["based_on"],
+            head=conflict.head,
         )
         return retarget(reswap(render(request, CONFLICT, context, status=409), "innerHTML"), "#ws-editor")
     except EDIT_ERRORS as error:
         return _refused(request, pk, error)
-    return _changed(request, pk, f"Saved {data['path']} as v{version.number}.", path=data["path"], saved=True,
-                    merged=data["merged"])
+    return _changed(
+        request,
+        pk,
+        f"Saved {data['path']} as v{version.number}.",
+        path=data["path"],
+        saved=True,
+        merged=data["merged"],
+    )
 
 
 @login_required
@@ -409,7 +441,9 @@ def flow_file_add(request: HttpRequest, pk: int) -> HttpResponse:
         version = authoring.file_add(request.user, pk, **form.cleaned_data)
     except (*EDIT_ERRORS, FlowConflict) as error:
         return _refused(request, pk, error)
-    path = next((p for p in sorted(version.snapshot.manifest) if p.startswith(form.cleaned_data["path"])), None)
+    path = next(
+        (p for p in sorted(version.snapshot.manifest) if p.startswith(form.cleaned_data["path"])), None
+    )
     return _changed(request, pk, f"Added {form.cleaned_data['path']}.", path=path, opened=True)
 
 
@@ -417,7 +451,9 @@ def flow_file_add(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def flow_file_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
     """Rename or move a file or folder; the new path comes from the prompt."""
-    form = RenameForm({**request.POST.dict(), "new_path": request.htmx.prompt or request.POST.get("new_path", "")})
+    form = RenameForm(
+        {**request.POST.dict(), "new_path": request.htmx.prompt or request.POST.get("new_path", "")}
+    )
     if not form.is_valid():
         return _refused(request, pk, "Give the new path.")
     data = form.cleaned_data
@@ -425,8 +461,13 @@ def flow_file_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
         flow_file_rename(flow=flow_get_for(request.user, pk, edit=True), user=request.user, **data)
     except (*EDIT_ERRORS, FlowConflict) as error:
         return _refused(request, pk, error)
-    return _changed(request, pk, f"Renamed {data['path']} to {data['new_path']}.", renamed=data["path"],
-                    path=data["new_path"])
+    return _changed(
+        request,
+        pk,
+        f"Renamed {data['path']} to {data['new_path']}.",
+        renamed=data["path"],
+        path=data["new_path"],
+    )
 
 
 @login_required
@@ -437,7 +478,9 @@ def flow_file_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
     if not form.is_valid():
         return _refused(request, pk, "Say which file to delete.")
     try:
-        flow_file_delete(flow=flow_get_for(request.user, pk, edit=True), user=request.user, **form.cleaned_data)
+        flow_file_delete(
+            flow=flow_get_for(request.user, pk, edit=True), user=request.user, **form.cleaned_data
+        )
     except (*EDIT_ERRORS, FlowConflict) as error:
         return _refused(request, pk, error)
     return _changed(request, pk, f"Deleted {form.cleaned_data['path']}.", deleted=form.cleaned_data["path"])
@@ -447,19 +490,18 @@ def flow_file_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def flow_upload(request: HttpRequest, pk: int) -> HttpResponse:
     """Upload files, or a folder (each file's relative path comes in `paths`), into a folder of the flow."""
-    form = UploadForm(request.POST)
-    uploads = request.FILES.getlist("files")
-    if not form.is_valid() or not uploads:
+    form = UploadForm(request.POST, request.FILES)
+    if not form.is_valid():
         return _refused(request, pk, "Choose at least one file to upload.")
+    files = form.named_files()
     try:
-        names = json.loads(form.cleaned_data["paths"] or "[]")
-    except ValueError:
-        names = []
-    names = names if len(names) == len(uploads) and all(names) else [f.name for f in uploads]
-    files = {name: upload.read() for name, upload in zip(names, uploads, strict=True)}
-    try:
-        flow_files_upload(flow=flow_get_for(request.user, pk, edit=True), user=request.user, files=files,
-                          based_on=form.cleaned_data["based_on"], folder=form.cleaned_data["folder"])
+        flow_files_upload(
+            flow=flow_get_for(request.user, pk, edit=True),
+            user=request.user,
+            files=files,
+            based_on=form.cleaned_data["based_on"],
+            folder=form.cleaned_data["folder"],
+        )
     except (*EDIT_ERRORS, FlowConflict) as error:
         return _refused(request, pk, error)
     return _changed(request, pk, f"Uploaded {len(files)} file{'s' if len(files) != 1 else ''}.")
@@ -473,9 +515,13 @@ def flow_import_version(request: HttpRequest, pk: int) -> HttpResponse:
     if not form.is_valid():
         return _refused(request, pk, "Choose a zip file to import.")
     try:
-        version = flow_import_zip(owner=request.user, data=form.cleaned_data["archive"].read(),
-                                  into=flow_get_for(request.user, pk, edit=True),
-                                  based_on=form.cleaned_data["based_on"], message=form.cleaned_data["message"])
+        version = flow_import_zip(
+            owner=request.user,
+            data=form.cleaned_data["archive"].read(),
+            into=flow_get_for(request.user, pk, edit=True),
+            based_on=form.cleaned_data["based_on"],
+            message=form.cleaned_data["message"],
+        )
     except (*EDIT_ERRORS, FlowConflict) as error:
         return _refused(request, pk, error)
     messages.success(request, f"Imported the archive as v{version.number}.")
@@ -513,14 +559,18 @@ def flow_history(request: HttpRequest, pk: int) -> HttpResponse:
     """Every version with author, time and message; pick two to compare, or restore one."""
     flow = flow_get_for(request.user, pk)
     versions = flow_versions_for(request.user, pk)
-    return render(request, HISTORY, {"flow": flow, "versions": versions, "can_edit": flow.role in ("owner", "editor")})
+    return render(
+        request, HISTORY, {"flow": flow, "versions": versions, "can_edit": flow.role in ("owner", "editor")}
+    )
 
 
 @login_required
 @require_GET
 def flow_diff(request: HttpRequest, pk: int) -> HttpResponse:
     """File-level unified diffs and the DAG diff between versions `a` and `b`."""
-    context = authoring.diff_context(request.user, pk, a=_int(request.GET.get("a")), b=_int(request.GET.get("b")))
+    context = authoring.diff_context(
+        request.user, pk, a=_int(request.GET.get("a")), b=_int(request.GET.get("b"))
+    )
     return render(request, DIFF, context)
 
 
@@ -542,17 +592,16 @@ def flow_share_view(request: HttpRequest, pk: int) -> HttpResponse:
     form = ShareForm(request.POST or None, user=request.user)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
-        user = get_user_model().objects.filter(username=data["username"]).first() if data["username"] else None
         try:
-            if data["username"] and user is None:
-                raise ValidationError(f"There is no user named '{data['username']}'.")
-            flow_share(flow=flow, by=request.user, user=user, team=data["team"], role=data["role"])
+            flow_share(flow=flow, by=request.user, user=data["user"], team=data["team"], role=data["role"])
         except ValidationError as error:
             form.add_error(None, error)
         else:
             form = ShareForm(user=request.user)
     context = {"flow": flow, "form": form, "shares": flow_shares_for(request.user, pk)}
-    return render(request, f"{SHARE}#body" if request.htmx else SHARE, context, status=422 if form.errors else 200)
+    return render(
+        request, f"{SHARE}#body" if request.htmx else SHARE, context, status=422 if form.errors else 200
+    )
 
 
 @login_required
@@ -564,5 +613,9 @@ def flow_unshare_view(request: HttpRequest, pk: int, share_id: int) -> HttpRespo
     if share is None:
         raise Http404("No such share.")
     flow_unshare(flow=flow, by=request.user, user=share.user, team=share.team)
-    context = {"flow": flow, "form": ShareForm(user=request.user), "shares": flow_shares_for(request.user, pk)}
+    context = {
+        "flow": flow,
+        "form": ShareForm(user=request.user),
+        "shares": flow_shares_for(request.user, pk),
+    }
     return render(request, f"{SHARE}#body" if request.htmx else SHARE, context)

@@ -120,7 +120,13 @@ class WorkspaceState:
         if self.flow is None:
             return {"inputs": [], "outputs": []}
         inputs = [
-            {"name": n, "type": s.type, "default": s.default, "chat": s.is_chat_input or s.is_chat_history, "line": s.line}
+            {
+                "name": n,
+                "type": s.type,
+                "default": s.default,
+                "chat": s.is_chat_input or s.is_chat_history,
+                "line": s.line,
+            }
             for n, s in self.flow.inputs.items()
         ]
         outputs = [
@@ -136,10 +142,14 @@ def workspace_state(folder: Any) -> WorkspaceState:
         flow = load_flow(folder)
     except FlowValidationError as error:
         # Messages about the folder itself name the private cache path: show the flow's own view instead.
-        problems = [replace(p, message=p.message.replace(f"'{folder}'", "of this flow")) for p in error.problems]
+        problems = [
+            replace(p, message=p.message.replace(f"'{folder}'", "of this flow")) for p in error.problems
+        ]
         return WorkspaceState(flow=None, problems=problems, graph=flow_graph(None), kind="")
     except (FileNotFoundError, NotADirectoryError) as error:
-        problem = Problem(message=f"No flow file: add flow.dag.yaml, flow.flex.yaml or one .prompty file ({error}).")
+        problem = Problem(
+            message=f"No flow file: add flow.dag.yaml, flow.flex.yaml or one .prompty file ({error})."
+        )
         return WorkspaceState(flow=None, problems=[problem], graph=flow_graph(None), kind="")
     try:
         problems = validate(flow)

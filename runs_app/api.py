@@ -14,7 +14,7 @@ from uuid import UUID
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
-from ninja import File, Form, Query, Router, Schema
+from ninja import File, Form, Query, Router, Schema, Status
 from ninja.errors import HttpError
 from ninja.files import UploadedFile
 from pydantic import Field
@@ -353,17 +353,17 @@ def _flow_version(user: AbstractBaseUser, flow: str | None, flow_id: int | None,
 @router.post(
     "/datasets", response={201: DatasetOut, 422: ErrorOut}, summary="Upload a dataset (jsonl or csv)"
 )
-def datasets_create(request: HttpRequest, file: File[UploadedFile], name: Form[str] = "") -> tuple[int, Any]:
+def datasets_create(request: HttpRequest, file: File[UploadedFile], name: Form[str] = "") -> Status[Any]:
     """Every line is checked first; a broken line is reported by number and nothing is stored."""
     if file.size and file.size > MAX_DATASET_BYTES:
-        return 422, ErrorOut(detail=f"{file.name}: larger than {MAX_DATASET_BYTES:,} bytes")
+        return Status(422, ErrorOut(detail=f"{file.name}: larger than {MAX_DATASET_BYTES:,} bytes"))
     try:
         dataset = services.dataset_create(
             owner=_user(request), name=name, filename=file.name or "data.jsonl", data=file.read()
         )
     except (services.DatasetError, services.RunError) as exc:
-        return 422, _run_error(exc)
-    return 201, _dataset_out(dataset)
+        return Status(422, _run_error(exc))
+    return Status(201, _dataset_out(dataset))
 
 
 @router.get("/datasets", response=list[DatasetOut], summary="List your datasets and shared ones")
@@ -385,7 +385,7 @@ def datasets_get(request: HttpRequest, dataset_id: int, rows: int = 20) -> dict[
 
 
 @router.post("/runs", response={201: RunOut, 422: ErrorOut}, summary="Create a run")
-def runs_create(request: HttpRequest, payload: RunIn) -> tuple[int, Any]:
+def runs_create(request: HttpRequest, payload: RunIn) -> Status[Any]:
     """Submit a batch run (dataset or a data file of the flow) or an evaluation run (`run`)."""
     user = _user(request)
     try:
@@ -411,14 +411,14 @@ def runs_create(request: HttpRequest, payload: RunIn) -> tuple[int, Any]:
             line_timeout=payload.line_timeout,
         )
     except (services.RunError, services.DatasetError) as exc:
-        return 422, _run_error(exc)
-    return 201, run_out(run)
+        return Status(422, _run_error(exc))
+    return Status(201, run_out(run))
 
 
 @router.post("/runs/yaml", response={201: RunOut, 422: ErrorOut}, summary="Create a run from a run.yml")
 def runs_create_from_yaml(
-    request: HttpRequest, run_yml: File[UploadedFile], folder: File[UploadedFile] | None = None
-) -> tuple[int, Any]:
+    request: HttpRequest, run_yml: File[UploadedFile], folder: UploadedFile | None = File(None)
+) -> Status[Any]:
     """prompt flow's run.yml; `folder` is an optional zip of the files it refers to (paths relative to it)."""
     from flows_app.services import FlowImportError, zip_read_checked
 
@@ -431,8 +431,8 @@ def runs_create_from_yaml(
                 raise services.RunError(f"folder: {exc}", field="folder") from None
         run = services.run_create_from_yaml(user=_user(request), run_yml=run_yml.read(), files=files)
     except (services.RunError, services.DatasetError) as exc:
-        return 422, _run_error(exc)
-    return 201, run_out(run)
+        return Status(422, _run_error(exc))
+    return Status(201, run_out(run))
 
 
 @router.get("/runs", response=list[RunOut], summary="List runs")
@@ -590,33 +590,34 @@ def runs_cancel(request: HttpRequest, run_ref: str) -> dict[str, Any]:
 @router.post(
     "/runs/{run_ref}/resume", response={201: RunOut, 403: ErrorOut, 422: ErrorOut}, summary="Resume a run"
 )
-def runs_resume(request: HttpRequest, run_ref: str, name: str | None = None) -> tuple[int, Any]:
+def runs_resume(request: HttpRequest, run_ref: str, name: str | None = None) -> Status[Any]:
     """A new run reusing the completed lines and computing only failed or missing ones."""
     user, run = _owned(request, run_ref)
     try:
-        return 201, run_out(services.run_resume(user=user, run=run, name=name))
+        return Status(201, run_out(services.run_resume(user=user, run=run, name=name)))
     except services.RunError as exc:
-        return 422, _run_error(exc)
+        return Status(422, _run_error(exc))
 
 
 @router.post(
     "/runs/{run_ref}/rerun", response={201: RunOut, 403: ErrorOut, 422: ErrorOut}, summary="Rerun lines"
 )
-def runs_rerun(request: HttpRequest, run_ref: str, payload: RerunIn) -> tuple[int, Any]:
+def runs_rerun(request: HttpRequest, run_ref: str, payload: RerunIn) -> Status[Any]:
     """A new run computing the given lines again and reusing the others."""
     user, run = _owned(request, run_ref)
     try:
-        return 201, run_out(
-            services.run_rerun_lines(user=user, run=run, line_numbers=payload.line_numbers, name=payload.name)
+        rerun = services.run_rerun_lines(
+            user=user, run=run, line_numbers=payload.line_numbers, name=payload.name
         )
+        return Status(201, run_out(rerun))
     except services.RunError as exc:
-        return 422, _run_error(exc)
+        return Status(422, _run_error(exc))
 
 
 @router.post(
     "/runs/{run_ref}/evaluations", response={201: RunOut, 422: ErrorOut}, summary="Evaluate a finished run"
 )
-def runs_evaluate(request: HttpRequest, run_ref: str, payload: EvaluateIn) -> tuple[int, Any]:
+def runs_evaluate(request: HttpRequest, run_ref: str, payload: EvaluateIn) -> Status[Any]:
     """A new evaluation run over this run's outputs; the run itself is not run again."""
     user = _user(request)
     run = selectors.run_get_for(user, run_ref)
@@ -636,8 +637,8 @@ def runs_evaluate(request: HttpRequest, run_ref: str, payload: EvaluateIn) -> tu
             concurrency=payload.concurrency,
         )
     except services.RunError as exc:
-        return 422, _run_error(exc)
-    return 201, run_out(evaluation)
+        return Status(422, _run_error(exc))
+    return Status(201, run_out(evaluation))
 
 
 @router.post("/runs/{run_ref}/archive", response={200: RunOut, 403: ErrorOut}, summary="Archive a run")
@@ -657,11 +658,11 @@ def runs_restore(request: HttpRequest, run_ref: str) -> dict[str, Any]:
 
 
 @router.delete("/runs/{run_ref}", response={204: None, 403: ErrorOut, 422: ErrorOut}, summary="Delete a run")
-def runs_delete(request: HttpRequest, run_ref: str) -> tuple[int, Any]:
+def runs_delete(request: HttpRequest, run_ref: str) -> Status[Any]:
     """Delete a finished run with its lines and logs (irreversible)."""
     user, run = _owned(request, run_ref)
     try:
         services.run_delete(user=user, run=run)
     except (services.RunError, PermissionDenied) as exc:
-        return 422, ErrorOut(detail=str(exc))
-    return 204, None
+        return Status(422, ErrorOut(detail=str(exc)))
+    return Status(204, None)

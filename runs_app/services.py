@@ -292,11 +292,10 @@ def _default_name(flow_name: str, kind: str, variant: str | None) -> str:
 
 
 def _chunk_size(total: int, concurrency: int) -> int:
-    """50 to 200 lines, rounded to whole multiples of the lines in flight so no wave runs half empty."""
+    """About 50 to 200 lines, in whole waves of the lines in flight (at least three) so no wave runs half empty."""
     base = 50 if total <= 1000 else 100 if total <= 10000 else 200
-    if concurrency >= base:
-        return min(concurrency, 1000)
-    return max(1, round(base / concurrency)) * concurrency
+    waves = max(3, round(base / concurrency))
+    return min(waves * concurrency, 2000)
 
 
 def _node_connection_overrides(

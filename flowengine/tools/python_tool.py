@@ -5,6 +5,7 @@ This runs user code, so it belongs in the runner process (or the local CLI), nev
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -135,9 +136,22 @@ def _original(func: Any) -> Any:
 def signature_of(func: Callable[..., Any]) -> inspect.Signature:
     """The signature of the user's function beneath any decorators."""
     try:
+        return _cached_signature(func)
+    except TypeError:  # an unhashable callable object: no caching
+        return _signature(func)
+
+
+def _signature(func: Callable[..., Any]) -> inspect.Signature:
+    try:
         return inspect.signature(_original(func))
     except (TypeError, ValueError):
         return inspect.signature(func)
+
+
+# Nodes call the same few functions on every line; signatures and type hints are the costly part of a call.
+@functools.lru_cache(maxsize=1024)
+def _cached_signature(func: Callable[..., Any]) -> inspect.Signature:
+    return _signature(func)
 
 
 def is_async_callable(func: Callable[..., Any]) -> bool:
@@ -169,9 +183,21 @@ def is_model_config_annotation(annotation: Any) -> bool:
 
 def _resolved_hints(func: Callable[..., Any]) -> dict[str, Any]:
     try:
+        return _cached_hints(func)
+    except TypeError:  # an unhashable callable object: no caching
+        return _hints(func)
+
+
+def _hints(func: Callable[..., Any]) -> dict[str, Any]:
+    try:
         return typing.get_type_hints(_original(func))
     except Exception:  # noqa: BLE001 - unresolved forward references fall back to the raw annotations
         return {}
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_hints(func: Callable[..., Any]) -> dict[str, Any]:
+    return _hints(func)
 
 
 def convert_literal(value: Any, annotation: Any) -> Any:

@@ -7,8 +7,10 @@
   var SVG = "http://www.w3.org/2000/svg";
   var FONT = "12px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
   var SMALL_FONT = "10.5px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
-  var TYPE_ICONS = { llm: "\u2728", python: "\u{1F40D}", prompt: "\u{1F4DD}", custom_llm: "\u2728", flex: "\u0192", prompty: "\u{1F4AC}" };
+  // Short type marks drawn in a coloured chip (no emoji: headless and minimal systems lack the fonts).
+  var TYPE_MARKS = { llm: "AI", python: "Py", prompt: "P", custom_llm: "AI", flex: "Fx", prompty: "Pt" };
   var TYPE_LABELS = { llm: "LLM", python: "Python", prompt: "Prompt", custom_llm: "Custom LLM", flex: "Flex entry", prompty: "Prompty" };
+  var MIN_FIT_SCALE = 0.4;
   var measureCanvas = null;
 
   function textWidth(text, font) {
@@ -97,6 +99,18 @@
       return null;
     }
     var g = layout(graph, options.direction);
+    if (!options.fixedDirection) {
+      // A wide graph in a tall pane (or the reverse) reads better turned: keep the layout that fits larger.
+      var box = container.getBoundingClientRect();
+      var fitScale = function (layoutGraph) {
+        var gs = layoutGraph.graph();
+        return Math.min((box.width || 320) / gs.width, (box.height || 320) / gs.height);
+      };
+      if (fitScale(g) < 0.75) {
+        var turned = layout(graph, options.direction === "LR" ? "TB" : "LR");
+        if (fitScale(turned) > fitScale(g) * 1.15) g = turned;
+      }
+    }
     var size = g.graph();
     var svg = el("svg", { class: "dag-svg dag-" + (graph.kind || "dag"), role: "img", "aria-label": "Flow graph with " + graph.nodes.length + " items" });
     var defs = el("defs", {}, svg);
@@ -137,9 +151,11 @@
       if (!io) el("rect", { class: "dag-stripe", width: 4, height: box.height - 12, x: 5, y: 6, rx: 2 }, group);
       var x = io ? 12 : 16;
       if (!io) {
-        var icon = el("text", { class: "dag-icon", x: x, y: 19 }, group);
-        icon.textContent = TYPE_ICONS[node.type] || "\u25a1";
-        x += 18;
+        var chip = el("g", { class: "dag-chip", transform: "translate(" + x + ",8)" }, group);
+        el("rect", { width: 18, height: 15, rx: 3 }, chip);
+        var mark = el("text", { x: 9, y: 11, "text-anchor": "middle" }, chip);
+        mark.textContent = TYPE_MARKS[node.type] || "?";
+        x += 23;
       }
       var title = el("text", { class: "dag-title", x: x, y: io ? 15 : 19 }, group);
       title.textContent = box.title;
@@ -208,10 +224,12 @@
     var height = rect.height || 320;
     state.svg.setAttribute("width", "100%");
     state.svg.setAttribute("height", "100%");
-    var scale = Math.min(width / state.width, height / state.height, 1.25);
+    // Below this scale labels cannot be read: show the start of the graph at a readable size and let the
+    // user pan (drag) and zoom (wheel, +/-) from there.
+    var scale = Math.max(Math.min(width / state.width, height / state.height, 1.25), MIN_FIT_SCALE);
     state.scale = scale;
-    state.x = (width - state.width * scale) / 2;
-    state.y = Math.max((height - state.height * scale) / 2, 0);
+    state.x = state.width * scale <= width ? (width - state.width * scale) / 2 : 8;
+    state.y = state.height * scale <= height ? (height - state.height * scale) / 2 : 8;
     apply(state);
   }
 

@@ -28,7 +28,9 @@ def sign_in(page, live_server, user) -> None:
     client = Client()
     client.force_login(user)
     cookie = client.cookies[settings.SESSION_COOKIE_NAME]
-    page.context.add_cookies([{"name": settings.SESSION_COOKIE_NAME, "value": cookie.value, "url": live_server.url}])
+    page.context.add_cookies(
+        [{"name": settings.SESSION_COOKIE_NAME, "value": cookie.value, "url": live_server.url}]
+    )
 
 
 def shot(page, name: str) -> None:
@@ -91,7 +93,9 @@ def test_edit_a_prompt_in_raw_mode_save_with_ctrl_s_and_the_dag_updates(live_ser
     page.locator(".tree-file[data-path='flow.dag.yaml'] .tree-link").click()
     page.wait_for_selector("#editor[data-path='flow.dag.yaml'] .CodeMirror")
     dag = head_text(flow, "flow.dag.yaml")
-    dag = dag.replace("inputs:\n  text:", "inputs:\n  language:\n    type: string\n    default: Python\n  text:", 1)
+    dag = dag.replace(
+        "inputs:\n  text:", "inputs:\n  language:\n    type: string\n    default: Python\n  text:", 1
+    )
     dag = dag.replace("text: ${inputs.text}", "text: ${inputs.text}\n    language: ${inputs.language}")
     type_in_editor(page, dag)
     page.keyboard.press("Control+S")
@@ -129,8 +133,14 @@ def test_structured_view_adds_a_node_and_raw_mode_and_graph_show_it(live_server,
 def test_upload_a_zip_download_it_and_the_bytes_match(live_server, page, owner, tmp_path):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("uploaded/flow.dag.yaml", "inputs:\n  q:\n    type: string\noutputs:\n  a:\n    type: string\n    reference: ${echo.output}\nnodes:\n- name: echo\n  type: python\n  source:\n    type: code\n    path: echo.py\n  inputs:\n    q: ${inputs.q}\n")
-        archive.writestr("uploaded/echo.py", "from promptflow.core import tool\n\n\n@tool\ndef echo(q: str) -> str:\n    return q\n")
+        archive.writestr(
+            "uploaded/flow.dag.yaml",
+            "inputs:\n  q:\n    type: string\noutputs:\n  a:\n    type: string\n    reference: ${echo.output}\nnodes:\n- name: echo\n  type: python\n  source:\n    type: code\n    path: echo.py\n  inputs:\n    q: ${inputs.q}\n",
+        )
+        archive.writestr(
+            "uploaded/echo.py",
+            "from promptflow.core import tool\n\n\n@tool\ndef echo(q: str) -> str:\n    return q\n",
+        )
     archive_path = tmp_path / "uploaded.zip"
     archive_path.write_bytes(buffer.getvalue())
     sign_in(page, live_server, owner)
@@ -192,7 +202,9 @@ def test_a_conflict_between_two_sessions_is_resolved_without_losing_either_chang
     open_workspace(other, live_server, flow, "?file=hello.py")
 
     # The editor changes the first line and saves first.
-    theirs = original.replace("from promptflow.core import tool", "from promptflow.core import tool  # theirs")
+    theirs = original.replace(
+        "from promptflow.core import tool", "from promptflow.core import tool  # theirs"
+    )
     type_in_editor(other, theirs)
     other.keyboard.press("Control+S")
     other.wait_for_selector("#ws-status .status-ok")
@@ -223,9 +235,14 @@ def test_a_hundred_node_dag_lays_out_without_overlaps(live_server, page, owner):
         nodes.append(
             f"- name: n{index}\n  type: python\n  source:\n    type: code\n    path: tool.py\n  inputs:\n    x: {source}\n"
         )
-    dag = "inputs:\n  q:\n    type: string\noutputs:\n  out:\n    type: string\n    reference: ${n99.output}\nnodes:\n" + "".join(nodes)
+    dag = (
+        "inputs:\n  q:\n    type: string\noutputs:\n  out:\n    type: string\n    reference: ${n99.output}\nnodes:\n"
+        + "".join(nodes)
+    )
     tool = "from promptflow.core import tool\n\n\n@tool\ndef run(x: str) -> str:\n    return x\n"
-    flow = flow_create(owner=owner, name="big", files={"flow.dag.yaml": dag.encode(), "tool.py": tool.encode()})
+    flow = flow_create(
+        owner=owner, name="big", files={"flow.dag.yaml": dag.encode(), "tool.py": tool.encode()}
+    )
     sign_in(page, live_server, owner)
     open_workspace(page, live_server, flow, "?mode=structured")
     assert page.locator("#dag-main .dag-node").count() == 102

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.e2e.conftest import REPO, SCALE_OUT_VARIABLES
 from tests.e2e.test_first_user import ensure_admin
@@ -112,7 +113,8 @@ def _submit_through_wizard(studio, page, folder: Path, name: str) -> None:
     data.write_text("".join(json.dumps({"question": f"question {i}"}) + "\n" for i in range(LINES)))
     page.goto(studio.url + "/runs/datasets/")
     page.locator("input[name=file]").set_input_files(str(data))
-    assert f"{LINES} rows" in page.locator("[data-local-preview]").inner_text()
+    # The browser previews the file before it is uploaded.
+    expect(page.locator("[data-local-preview]")).to_contain_text(f"{LINES} rows · 1 column")
     page.get_by_role("button", name="Upload").click()
     page.wait_for_url(re.compile(r".*/runs/datasets/\d+/$"))
     assert "question 0" in page.content()
@@ -130,7 +132,7 @@ def _submit_through_wizard(studio, page, folder: Path, name: str) -> None:
     page.get_by_label("Concurrency").fill("2")
     page.get_by_label("Name", exact=True).fill(name)
     page.get_by_role("button", name="Review + submit").click()
-    assert "${data.question}" in page.locator("[data-review]").inner_text()
+    expect(page.locator("[data-review]")).to_contain_text("${data.question}")
     page.get_by_role("button", name="Submit", exact=True).click()
     page.wait_for_url(re.compile(r".*/runs/[0-9a-f-]{36}/$"))
     page.evaluate("window.__sameDocument = 'yes'")

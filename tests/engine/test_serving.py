@@ -47,7 +47,9 @@ def _connections(fake: Any) -> list[Connection]:
     text = (DATA / "conformance_connections.yaml").read_text(encoding="utf-8")
     text = text.replace("{fake_llm_base_url}", fake.base_url).replace("{fake_llm_url}", fake.url)
     return [
-        Connection(name=name, type=spec["type"], configs=spec.get("configs", {}), secrets=spec.get("secrets", {}))
+        Connection(
+            name=name, type=spec["type"], configs=spec.get("configs", {}), secrets=spec.get("secrets", {})
+        )
         for name, spec in yaml.safe_load(text).items()
     ]
 
@@ -63,7 +65,9 @@ def serve_flows(flows: dict[str, Path], home: Path) -> Iterator[dict[str, str]]:
             port = _free_port()
             cmd = [sys.executable, "-m", "flowengine.cli", "flow", "serve", "--flow", str(folder)]
             cmd += ["--port", str(port)]
-            proc = subprocess.Popen(cmd, env=env, cwd=str(home), start_new_session=True, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(
+                cmd, env=env, cwd=str(home), start_new_session=True, stderr=subprocess.PIPE
+            )
             procs[name] = (proc, f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 60
         for name, (proc, url) in procs.items():
@@ -168,7 +172,9 @@ def _empty_delta(event: str) -> bool:
 
 
 @pytest.mark.parametrize(("flow", "case_name"), CASES, ids=[f"{f}-{c}" for f, c in CASES])
-def test_score_answers_like_prompt_flow(flow: str, case_name: str, served: dict[str, str], fake_llm: Any) -> None:
+def test_score_answers_like_prompt_flow(
+    flow: str, case_name: str, served: dict[str, str], fake_llm: Any
+) -> None:
     """Same status, content type, JSON body or SSE event sequence as `pf flow serve` gave."""
     case = next(c for c in RECORDINGS[flow]["cases"] if c["name"] == case_name)
     expected = case["response"]
@@ -176,7 +182,10 @@ def test_score_answers_like_prompt_flow(flow: str, case_name: str, served: dict[
     calls = fake_llm.stats()["requests"]
     if (flow, case_name) in REFUSED_BEFORE_RUN:
         assert resp.status_code == 424
-        assert "Media type text/event-stream in Accept header is not acceptable" in resp.json()["error"]["message"]
+        assert (
+            "Media type text/event-stream in Accept header is not acceptable"
+            in resp.json()["error"]["message"]
+        )
         assert calls == 0
         return
     if expected["status"] == 406:
@@ -237,7 +246,9 @@ def test_chat_conversation_second_turn_sees_the_first(served: dict[str, str], fa
     """A second turn carrying the first in chat_history renders it into the prompt the LLM receives."""
     url = served["dag_chat"]
     with _client() as client:
-        first = client.post(url + "/score", json={"question": "Hi there"}, headers={"Accept": "application/json"})
+        first = client.post(
+            url + "/score", json={"question": "Hi there"}, headers={"Accept": "application/json"}
+        )
         history = [{"inputs": {"question": "Hi there"}, "outputs": first.json()}]
         body = {"question": "And then?", "chat_history": history}
         second = client.post(url + "/score", json=body, headers={"Accept": "text/event-stream"})
@@ -253,7 +264,9 @@ def test_chat_conversation_second_turn_sees_the_first(served: dict[str, str], fa
 def test_unacceptable_accept_never_calls_the_llm(served: dict[str, str], fake_llm: Any) -> None:
     """Accept: text/html is refused before the flow runs: 424 naming 406, and the fake LLM sees nothing."""
     with _client() as client:
-        resp = client.post(served["dag_chat"] + "/score", json={"question": "q"}, headers={"Accept": "text/html"})
+        resp = client.post(
+            served["dag_chat"] + "/score", json={"question": "q"}, headers={"Accept": "text/html"}
+        )
     assert resp.status_code == 424
     assert resp.json()["error"]["code"] == "UserError"
     assert "406" in resp.json()["error"]["message"]
@@ -274,7 +287,9 @@ def test_sse_client_that_disconnects_stops_the_llm_stream(served: dict[str, str]
     fake_llm.config(latency_ms=0, token_ms=100, tokens=200)  # a 20 s answer
     with _client() as client:
         body = {"question": "tell me a long story"}
-        with client.stream("POST", served["dag_chat"] + "/score", json=body, headers={"Accept": SSE_}) as resp:
+        with client.stream(
+            "POST", served["dag_chat"] + "/score", json=body, headers={"Accept": SSE_}
+        ) as resp:
             lines = resp.iter_lines()
             seen = [line for _, line in zip(range(6), lines, strict=False)]
             assert any(line.startswith("data: ") for line in seen)
@@ -311,10 +326,7 @@ def test_many_concurrent_requests_share_one_warm_runner(served: dict[str, str], 
     async def go() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
             return await asyncio.gather(
-                *(
-                    client.post(served["dag_chat"] + "/score", json={"question": f"q{i}"})
-                    for i in range(64)
-                )
+                *(client.post(served["dag_chat"] + "/score", json={"question": f"q{i}"}) for i in range(64))
             )
 
     started = time.monotonic()

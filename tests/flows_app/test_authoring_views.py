@@ -183,7 +183,9 @@ def test_file_fragment_for_htmx_returns_only_the_editor(client, owner, flow):
 def test_save_makes_a_version_and_returns_the_refreshed_panes(client, owner, flow):
     client.force_login(owner)
     response = client.post(
-        url("save", flow), {"path": "hello.jinja2", "content": "Say {{text}} twice.\r\n", "based_on": 1}, **HTMX
+        url("save", flow),
+        {"path": "hello.jinja2", "content": "Say {{text}} twice.\r\n", "based_on": 1},
+        **HTMX,
     )
     assert response.status_code == 200
     assert head_text(flow, "hello.jinja2") == "Say {{text}} twice.\n"
@@ -221,7 +223,9 @@ def test_merge_with_conflict_markers_is_refused(client, owner, flow):
 def test_stale_save_of_an_unchanged_file_goes_on_top_of_the_head(client, owner, editor, flow):
     flow_file_save(flow=flow, user=editor, path="hello.py", content=b"# theirs\n", based_on=1)
     client.force_login(owner)
-    response = client.post(url("save", flow), {"path": "hello.jinja2", "content": "mine\n", "based_on": 1}, **HTMX)
+    response = client.post(
+        url("save", flow), {"path": "hello.jinja2", "content": "mine\n", "based_on": 1}, **HTMX
+    )
     assert response.status_code == 200
     assert head_text(flow, "hello.py") == "# theirs\n"
     assert head_text(flow, "hello.jinja2") == "mine\n"
@@ -248,20 +252,34 @@ def test_viewer_sees_read_only_workspace_and_the_server_refuses_writes(client, v
     archive = io.BytesIO(b"PK")
     archive.name = "a.zip"
     assert client.post(url("import_version", flow), {"archive": archive, "based_on": 1}).status_code == 403
-    assert client.post(url("structure_add", flow, what="input"), {"name": "q", "type": "string", "based_on": 1}).status_code == 403
+    assert (
+        client.post(
+            url("structure_add", flow, what="input"), {"name": "q", "type": "string", "based_on": 1}
+        ).status_code
+        == 403
+    )
     assert flow.versions.count() == 1
 
 
 def test_add_rename_delete_and_upload_files(client, owner, flow):
     client.force_login(owner)
-    assert client.post(url("file_add", flow), {"based_on": 1}, HTTP_HX_PROMPT="notes/todo.md", **HTMX).status_code == 200
-    response = client.post(url("file_rename", flow), {"path": "notes", "new_path": "docs", "based_on": 2}, **HTMX)
+    assert (
+        client.post(
+            url("file_add", flow), {"based_on": 1}, HTTP_HX_PROMPT="notes/todo.md", **HTMX
+        ).status_code
+        == 200
+    )
+    response = client.post(
+        url("file_rename", flow), {"path": "notes", "new_path": "docs", "based_on": 2}, **HTMX
+    )
     assert response.status_code == 200
     assert head_text(flow, "docs/todo.md") == ""
     upload = io.BytesIO(b"print('hi')\n")
     upload.name = "tool.py"
     response = client.post(
-        url("upload", flow), {"files": upload, "based_on": 3, "paths": json.dumps(["pkg/sub/tool.py"])}, **HTMX
+        url("upload", flow),
+        {"files": upload, "based_on": 3, "paths": json.dumps(["pkg/sub/tool.py"])},
+        **HTMX,
     )
     assert response.status_code == 200
     assert head_text(flow, "pkg/sub/tool.py") == "print('hi')\n"
@@ -295,7 +313,11 @@ def test_structured_view_adds_input_node_and_output_and_raw_mode_shows_them(clie
     client.force_login(owner)
     page = client.get(url("file", flow), {"mode": "structured"}, **HTMX).content.decode()
     assert "hello_prompt" in page and "Write a simple {{text}} program" in page
-    response = client.post(url("structure_add", flow, what="input"), {"name": "lang", "type": "string", "default": "en", "based_on": 1}, **HTMX)
+    response = client.post(
+        url("structure_add", flow, what="input"),
+        {"name": "lang", "type": "string", "default": "en", "based_on": 1},
+        **HTMX,
+    )
     assert response.status_code == 200
     node = {"name": "shout", "type": "python", "inputs": "text=${echo_my_prompt.output}", "based_on": 2}
     assert client.post(url("structure_add", flow, what="node"), node, **HTMX).status_code == 200
@@ -309,12 +331,19 @@ def test_structured_view_adds_input_node_and_output_and_raw_mode_shows_them(clie
     raw = client.get(url("file", flow), {"file": "flow.dag.yaml"}, **HTMX).content.decode()
     assert "name: shout" in raw
     graph = client.get(url("graph", flow)).json()
-    assert {"source": "node:echo_my_prompt", "target": "node:shout", "kind": "data", "label": "text"} in graph["edges"]
+    assert {
+        "source": "node:echo_my_prompt",
+        "target": "node:shout",
+        "kind": "data",
+        "label": "text",
+    } in graph["edges"]
 
 
 def test_structured_edit_with_a_bad_name_is_refused(client, owner, flow):
     client.force_login(owner)
-    response = client.post(url("structure_add", flow, what="input"), {"name": "text", "type": "string", "based_on": 1}, **HTMX)
+    response = client.post(
+        url("structure_add", flow, what="input"), {"name": "text", "type": "string", "based_on": 1}, **HTMX
+    )
     assert response.status_code == 422
     assert "already exists" in response.content.decode()
 

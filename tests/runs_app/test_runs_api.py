@@ -257,3 +257,32 @@ def test_a_chunk_is_claimed_once(owner, run):
     assert first is not None and second is None
     assert redelivered is not None and redelivered[1] != first[1]
     assert RunChunk.objects.get(pk=chunk.pk).attempts == 2
+
+
+@pytest.mark.django_db(databases="__all__")
+async def test_progress_is_pushed_to_the_run_group(owner, run):
+    from asgiref.sync import sync_to_async
+    from channels.layers import get_channel_layer
+
+    from runs_app import streaming
+
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(streaming.run_group(run.pk), channel)
+
+    sent = await sync_to_async(streaming.publish_progress)(run, force=True)
+    message = await layer.receive(channel)
+
+    assert sent is True
+    assert message["type"] == "run.progress"
+    assert message["progress"]["status"] == "Queued" and message["progress"]["total"] == 10
+    assert await sync_to_async(streaming.publish_progress)(run) is False  # throttled
+
+
+def test_reap_command_reports_what_it_did(owner, run):
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("runs_reap", stdout=out)
+
+    assert "requeued or finished 0" in out.getvalue()
