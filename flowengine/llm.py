@@ -236,8 +236,24 @@ def retry_after_seconds(exc: BaseException) -> float | None:
         return max(0.0, email.utils.mktime_tz(parsed) - time.time())
 
 
+def _connection_failure(exc: BaseException) -> BaseException | None:
+    """The OSError beneath an SDK error when the connection itself failed (refused, unreachable, reset).
+
+    The aiohttp transport reports every connection failure as a connect timeout; a refused connection
+    must still read as one and not be retried as if the server were slow.
+    """
+    cause = exc.__cause__ or exc.__context__
+    for _ in range(10):
+        if cause is None:
+            return None
+        if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _is_retriable(exc: BaseException) -> bool:
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and _connection_failure(exc) is None:
         return True
     if isinstance(exc, openai.APIStatusError):
         status = exc.response.status_code
@@ -247,7 +263,7 @@ def _is_retriable(exc: BaseException) -> bool:
             return code != "insufficient_quota"
         return status >= 500 or status == 422
     if isinstance(exc, openai.APIConnectionError):
-        text = f"{exc} {exc.__cause__}".lower()
+        text = f"{exc} {_connection_failure(exc) or exc.__cause__}".lower()
         return any(
             m in text
             for m in ("connection aborted", "server disconnected without sending a response", "reset by peer")
@@ -264,10 +280,10 @@ def to_llm_error(
     where = f"{_provider(conn)} {api} call to {_host(conn)} (connection '{conn.name}')"
     if status is not None:
         what = f"failed with HTTP {status}: {pmsg}"
-    elif isinstance(exc, openai.APITimeoutError):
+    elif isinstance(exc, openai.APITimeoutError) and _connection_failure(exc) is None:
         what = "timed out"
     elif isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__
+        cause = _connection_failure(exc) or exc.__cause__
         what = f"could not connect: {_scrub(str(cause or pmsg), conn)}"
     else:
         what = f"failed: {type(exc).__name__}: {pmsg}"

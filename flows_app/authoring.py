@@ -16,7 +16,6 @@ from flows_app.diffing import decode_text, merge3, rows_from_unified, unified_ro
 from flows_app.flow_graph import flow_graph, graph_diff
 from flows_app.selectors import flow_get_for, flow_version_get_for, flow_versions_for
 from flows_app.services import (
-    FlowConflict,
     flow_file_save,
     flow_files_upload,
     flow_path_clean,
@@ -249,6 +248,3 @@ def diff_context(user: AbstractBaseUser, flow_id: int, *, a: int | None, b: int 
         "removed": sum(c["removed"] for c in changes),
         "numbers": list(flow_versions_for(user, flow_id).values_list("number", flat=True)),
     }
-
-
-__all__ = ["FlowConflict"]

@@ -53,6 +53,8 @@ class FlowTestConsumer(AsyncJsonWebsocketConsumer):
         self.session = FlowTestSession()
         await self.accept()
         await self.send_json(ready)
+        # The runner's start-up (Python, the LLM SDK) overlaps the user typing the first inputs.
+        await self.session.prewarm()
 
     async def disconnect(self, code: int) -> None:
         """Closing the tab stops a running test: its runner is killed and the test recorded as canceled."""

@@ -1739,10 +1739,11 @@ class FlowTestSession:
             self._idle.cancel()
             self._idle = None
         key = plan.runner_key()
-        if self.runner is not None and (self.key != key or self.pid is None):
+        if self.runner is not None and self.key is not None and (self.key != key or self.pid is None):
             await self.close()
-        if self.runner is None:
-            self.runner = self._new_runner()
+        if self.runner is None or self.key is None:
+            # A runner spawned ahead by `prewarm` has started Python and its imports but loaded no flow yet.
+            self.runner = self.runner or self._new_runner()
             self.key = key
             try:
                 await self.runner.start(
@@ -1768,6 +1769,18 @@ class FlowTestSession:
         ) as stream:
             async for event in stream:
                 yield event
+        self._arm_idle()
+
+    async def prewarm(self) -> None:
+        """Start a runner process before the first test asks for it, so that test skips the start-up."""
+        if self.runner is not None:
+            return
+        self.runner = self._new_runner()
+        try:
+            await self.runner.spawn()
+        except OSError:
+            await self.close()
+            return
         self._arm_idle()
 
     def _arm_idle(self) -> None:

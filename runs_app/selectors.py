@@ -678,19 +678,45 @@ def run_compare_context(cmp: Comparison, *, part: str = "") -> dict[str, Any]:
     """Everything the compare page shows, or only one part of it: "rows", "counts" or "charts" (htmx)."""
     context: dict[str, Any] = {"cmp": cmp, "modes": COMPARE_MODE_LABELS, "query": cmp.query()}
     if part == "counts":
-        return {**context, "counts": run_compare_counts(cmp)}
+        counts = run_compare_counts(cmp)
+        return {**context, "counts": [(m, label, counts[m]) for m, label in COMPARE_MODE_LABELS.items()]}
     if part == "charts":
-        return {**context, "charts": run_compare_charts(cmp)}
+        state = [("runs", ",".join(str(r.pk) for r in cmp.runs)), ("baseline", str(cmp.baseline.pk))]
+        state += [(k, v) for k, v in (("mode", cmp.mode), ("q", cmp.q), ("cols", ",".join(cmp.cols))) if v]
+        return {
+            **context,
+            "charts": run_compare_charts(cmp),
+            "numeric_columns": cmp.numeric_columns(),
+            "chart_state": state,
+        }
     page = run_compare_page(cmp)
-    context.update(page=page, rows=run_compare_rows(cmp, list(page.object_list)), columns=cmp.columns())
+    context.update(
+        page=page,
+        rows=run_compare_rows(cmp, list(page.object_list)),
+        columns=cmp.columns(),
+        show={
+            "inputs": any(cmp.shows(f"in:{k}") for k in cmp.input_keys),
+            **{col: cmp.shows(col) for col in ("tokens", "latency", "cost")},
+        },
+        pager={
+            "previous": cmp.query(page=page.number - 1 if page.number > 2 else None)
+            if page.has_previous()
+            else "",
+            "next": cmp.query(page=page.number + 1) if page.has_next() else "",
+        },
+        mode_label=COMPARE_MODE_LABELS[cmp.mode],
+    )
     if part == "rows":
         return context
-    others = cmp.others
+    summary = run_compare_summary(cmp)
+    for item in summary:
+        item["baseline_query"] = cmp.query(baseline=str(item["run"].pk), page=None, x=None, y=None)
     context.update(
-        summary=run_compare_summary(cmp),
+        eval_count=len(cmp.runs) - len(cmp.mains),
+        summary=summary,
         metrics=run_compare_metrics(cmp)["rows"],
         numeric_columns=cmp.numeric_columns(),
-        changes=[(cmp.baseline, run) for run in others],
+        changes=[(cmp.baseline, run) for run in cmp.others],
     )
     return context
 
@@ -1045,7 +1071,21 @@ def run_compare_changes(user: User, *, a: str, b: str) -> dict[str, Any]:
         "added": sum(c["added"] for c in changes),
         "removed": sum(c["removed"] for c in changes),
         "same_snapshot": old.snapshot_id == new.snapshot_id,
+        "settings": _settings_changes(old, new),
     }
+
+
+def _settings_changes(old: Run, new: Run) -> list[dict[str, str]]:
+    """The run settings that differ besides the files: variant, data, mapping, connections, init, environment."""
+    fields = ("variant", "column_mapping", "connections", "init", "environment_variables")
+    found = [
+        {"name": name, "old": shown(getattr(old, name)), "new": shown(getattr(new, name))}
+        for name in fields
+        if getattr(old, name) != getattr(new, name)
+    ]
+    if old.dataset_id != new.dataset_id:
+        found.append({"name": "dataset", "old": str(old.dataset or ""), "new": str(new.dataset or "")})
+    return found
 
 
 def _export_frame(cmp: Comparison, numbers: Sequence[int], columns: Sequence[str]) -> Any:
@@ -1169,6 +1209,7 @@ def run_list_columns(runs: Iterable[Run], *, cols: Sequence[str] = ()) -> dict[s
     """The run list's column chooser (fixed columns, then one `m:<key>` per metric of the listed runs) and
     which are shown; attaches `list_metrics` (the shown metrics' values) and `list_tags` to each run."""
     runs = list(runs)
+    cols = [part.strip() for col in cols for part in col.split(",") if part.strip()]
     metric_keys: list[str] = []
     for run in runs:
         metric_keys += [k for k in (run.metrics or {}) if k not in metric_keys]

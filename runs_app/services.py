@@ -231,10 +231,15 @@ def dataset_rows(dataset: Dataset) -> list[dict[str, Any]]:
 
 
 def _load_engine_flow(snapshot_sha: str) -> EngineFlow:
-    from flowengine import load_flow
+    from flowengine import FlowValidationError, load_flow
     from flows_app.services import snapshot_materialize
 
-    return load_flow(snapshot_materialize(snapshot_sha=snapshot_sha))
+    try:
+        return load_flow(snapshot_materialize(snapshot_sha=snapshot_sha))
+    except FlowValidationError as exc:
+        raise RunError(
+            "The flow cannot be loaded:\n" + "\n".join(str(p) for p in exc.problems), field="flow"
+        ) from None
 
 
 def _check_flow(flow: EngineFlow, variant: str | None) -> EngineFlow:
@@ -633,12 +638,9 @@ def run_create_from_yaml(
         if _rel(init, ".") not in files:
             raise RunError(f"init: file '{init}' was not uploaded", field="init")
         init = json.loads(files[_rel(init, ".")].decode("utf-8"))
-    for key in ("column_mapping", "connections", "tags", "environment_variables", "init"):
-        value = (
-            spec.get(key)
-            if key not in ("environment_variables", "init")
-            else {"environment_variables": env, "init": init}[key]
-        )
+    mappings = {key: spec.get(key) for key in ("column_mapping", "connections", "tags")}
+    mappings.update(environment_variables=env, init=init)
+    for key, value in mappings.items():
         if value is not None and not isinstance(value, Mapping):
             raise RunError(f"run.yml: '{key}' must be a mapping", field=key)
     mapping = {str(k): v for k, v in (spec.get("column_mapping") or {}).items()}
@@ -1422,7 +1424,8 @@ def _execute_claimed(run: Run, chunk: RunChunk, token: str) -> None:
     # A cancel that came while the last lines finished: this chunk was the last one running.
     if _finish_cancel(run.pk) or not done:
         return
-    _maybe_aggregate(run.pk, spec)
+    # Without lines to run, this chunk never decrypted connections: the aggregation fetches its own.
+    _maybe_aggregate(run.pk, spec if lines else None)
 
 
 def _flow_dir(snapshot_sha: str) -> Path:

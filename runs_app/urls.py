@@ -32,3 +32,12 @@ run_patterns: list[URLPattern | URLResolver] = [
 urlpatterns: list[URLPattern | URLResolver] = [
     path("runs/", include((run_patterns, "runs"))),
 ]
+
+# Comparison of runs (appended to the `runs` namespace: include() above holds this same list).
+run_patterns += [
+    path("compare", views.run_compare_view, name="compare"),
+    path("compare/export.csv", views.run_compare_export_view, {"fmt": "csv"}, name="compare_csv"),
+    path("compare/export.json", views.run_compare_export_view, {"fmt": "json"}, name="compare_json"),
+    path("compare/changes", views.run_compare_changes_view, name="compare_changes"),
+    path("archive-selected", views.run_archive_selected_view, name="archive_selected"),
+]

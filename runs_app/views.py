@@ -15,7 +15,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
-from django_htmx.http import HttpResponseClientRedirect
+from django_htmx.http import HttpResponseClientRedirect, HttpResponseClientRefresh
 
 from flows_app.selectors import flow_list_for
 from flows_app.services import FlowPathError, snapshot_file_read, snapshot_zip
@@ -451,3 +451,78 @@ def _int(value: Any, default: int) -> int:
 
 def _page_number(request: HttpRequest) -> int:
     return max(_int(request.GET.get("page"), 1), 1)
+
+
+# --- comparison of runs: the compare page, its exports, "what changed" and archiving a selection --------
+
+COMPARE = "runs_app/compare/page.html"
+COMPARE_CHANGES = "runs_app/compare/changes.html"
+COMPARE_PARTS = ("rows", "counts", "charts")
+
+
+def _compare_part(request: HttpRequest) -> str:
+    """Which part of the compare page an htmx request wants: the rows table swaps itself, others name a part."""
+    if not request.htmx:
+        return ""
+    part = request.GET.get("part") or ("rows" if request.htmx.target == "compare-rows" else "")
+    return part if part in COMPARE_PARTS else ""
+
+
+@login_required
+@require_GET
+def run_compare_view(request: HttpRequest) -> HttpResponse:
+    """2 to 10 runs side by side, line by line (`?runs=a,b&baseline=&mode=&q=&cols=&page=`); htmx gets a part."""
+    try:
+        comparison = selectors.run_compare(request.user, **selectors.compare_params(request.GET))
+    except selectors.CompareError as error:
+        return render(request, COMPARE, {"error": str(error)}, status=400)
+    part = _compare_part(request)
+    context = selectors.run_compare_context(comparison, part=part)
+    return render(request, f"{COMPARE}#{part}" if part else COMPARE, context)
+
+
+@login_required
+@require_GET
+def run_compare_export_view(request: HttpRequest, fmt: str) -> HttpResponse:
+    """The comparison as CSV or JSON: every line the page's mode and search keep, streamed in batches."""
+    try:
+        comparison = selectors.run_compare(request.user, **selectors.compare_params(request.GET))
+    except selectors.CompareError as error:
+        return HttpResponse(str(error), status=400, content_type="text/plain; charset=utf-8")
+    content_type = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
+    response = StreamingHttpResponse(
+        selectors.run_compare_export(comparison, fmt=fmt), content_type=content_type
+    )
+    response["Content-Disposition"] = f'attachment; filename="comparison.{fmt}"'
+    return response
+
+
+@login_required
+@require_GET
+def run_compare_changes_view(request: HttpRequest) -> HttpResponse:
+    """What changed from run `a` to run `b` (`?a=&b=`): their snapshots' file and DAG diffs, and their settings."""
+    context = selectors.run_compare_changes(
+        request.user, a=request.GET.get("a", ""), b=request.GET.get("b", "")
+    )
+    return render(request, COMPARE_CHANGES, context)
+
+
+@login_required
+@require_POST
+def run_archive_selected_view(request: HttpRequest) -> HttpResponse:
+    """Archive (or, with `archived=0`, restore) the runs ticked in the run list; others' runs are left alone."""
+    archived = request.POST.get("archived", "1") == "1"
+    changed = skipped = 0
+    for run_id in request.POST.getlist("runs"):
+        try:
+            services.run_archive(
+                user=request.user, run=selectors.run_get_for(request.user, run_id), archived=archived
+            )
+            changed += 1
+        except services.RunError:
+            skipped += 1
+    verb = "archived" if archived else "restored"
+    messages.success(request, f"{changed} run{'s' if changed != 1 else ''} {verb}.")
+    if skipped:
+        messages.warning(request, f"{skipped} run{'s' if skipped != 1 else ''} left as they were: not yours.")
+    return HttpResponseClientRefresh() if request.htmx else redirect(reverse("runs:list"))

@@ -5,7 +5,7 @@
   "use strict";
 
   var SVG = "http://www.w3.org/2000/svg";
-  var FONT = "12px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
+  var FONT = "600 12px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
   var SMALL_FONT = "10.5px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
   // Short type marks drawn in a coloured chip (no emoji: headless and minimal systems lack the fonts).
   var TYPE_MARKS = { llm: "AI", python: "Py", prompt: "P", custom_llm: "AI", flex: "Fx", prompty: "Pt" };
@@ -55,8 +55,9 @@
     var io = node.kind === "input" || node.kind === "output";
     var title = truncate(node.label, 40);
     var sub = truncate(subtitle(node), 48);
-    var badgeWidth = badges(node).reduce(function (sum, b) { return sum + textWidth(b.text, SMALL_FONT) + 14; }, 0);
-    var width = Math.max(textWidth(title, FONT) + (io ? 24 : 44) + badgeWidth, textWidth(sub, SMALL_FONT) + (io ? 24 : 44));
+    // Badges are 10px wider than their text plus a 4px gap; the chip and stripe take 39px before the title.
+    var badgeWidth = badges(node).reduce(function (sum, b) { return sum + textWidth(b.text, SMALL_FONT) + 16; }, 0);
+    var width = Math.max(textWidth(title, FONT) + (io ? 26 : 52) + badgeWidth, textWidth(sub, SMALL_FONT) + (io ? 26 : 30));
     return { width: Math.ceil(Math.min(Math.max(width, io ? 90 : 140), 360)), height: io ? 36 : 46, title: title, sub: sub };
   }
 

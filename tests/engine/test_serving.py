@@ -338,3 +338,22 @@ def test_many_concurrent_requests_share_one_warm_runner(served: dict[str, str], 
 
 
 SSE_ = "text/event-stream"
+
+
+async def test_every_response_names_the_deployment_and_snapshot() -> None:
+    """A ScoreApp mounted in-process (as the studio does) tags every answer, errors included."""
+    from flowengine.serving import ScoreApp
+
+    app = ScoreApp(CORPUS / "dag_basic", deployment="blue", snapshot="sha256:0123abcd", env_mode="inherit")
+    try:
+        ok = await app.handle("POST", "/score", [(b"accept", b"application/json")], b'{"text": "a b"}')
+        bad = await app.handle("POST", "/score", [], b"[1")
+        missing = await app.handle("GET", "/nowhere", [], b"")
+        health = await app.handle("GET", "/health", [], b"")
+    finally:
+        await app.close()
+    assert json.loads(ok.body)["words"] == 2
+    assert (bad.status, missing.status, health.status) == (400, 404, 200)
+    for resp in (ok, bad, missing, health):
+        assert ("x-flowstudio-deployment", "blue") in resp.headers
+        assert ("x-flowstudio-snapshot", "sha256:0123abcd") in resp.headers

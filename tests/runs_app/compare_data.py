@@ -271,3 +271,12 @@ def build_comparison(owner: Any, *, lines: int = 40, prefix: str = "cmp") -> Com
             )
             evaluations.append(evaluation)
     return ComparisonRuns(v0=made[0], v1=made[1], e0=evaluations[0], e1=evaluations[1], lines=lines)
+
+
+def remove_owner(owner: Any) -> None:
+    """Delete a user with their runs, datasets and flows (runs first: they protect their datasets)."""
+    from runs_app.models import Dataset, Run
+
+    Run.objects.filter(owner=owner).delete()
+    Dataset.objects.filter(owner=owner).delete()
+    owner.delete()

@@ -10,17 +10,31 @@ from django.test.utils import CaptureQueriesContext
 from runs_app import selectors
 from runs_app.models import LineResult
 from runs_app.selectors import CompareError, run_compare
-from tests.runs_app.compare_data import build_comparison, duration_of, output_of, score_of
+from tests.runs_app.compare_data import build_comparison, duration_of, output_of, remove_owner, score_of
 
 pytestmark = pytest.mark.django_db
 
 LINES = 2000
 
 
+@pytest.fixture(scope="module")
+def runs(django_db_setup, django_db_blocker):
+    """Two variant runs of 2,000 lines and an evaluation of each, built once for the module (their owner is the
+    `analyst`), removed afterwards."""
+    from django.contrib.auth import get_user_model
+
+    with django_db_blocker.unblock():
+        analyst = get_user_model().objects.create_user(username="analyst", password="analyst-pass-123!")
+        built = build_comparison(analyst, lines=LINES, prefix="sel")
+    yield built
+    with django_db_blocker.unblock():
+        remove_owner(analyst)
+
+
 @pytest.fixture
-def runs(owner):
-    """Two variant runs of 2,000 lines and an evaluation of each."""
-    return build_comparison(owner, lines=LINES)
+def owner(runs):
+    """The owner of the runs under test."""
+    return runs.v0.owner
 
 
 def _compare(owner, runs, **kw):
