@@ -42,7 +42,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from gen_data import write_questions  # noqa: E402
-from treemon import TreeSample, cmdline, monitor, tree_pids  # noqa: E402
+from treemon import TreeSample, cmdline, cpu_s, monitor, tree_pids  # noqa: E402
 
 RESULTS = HERE / "results"
 FAKELLM = ROOT / "tests" / "fakellm.py"
@@ -473,11 +473,14 @@ def run_batch(
         *extra_args,
     ]
     phase = None
+    fake_cpu = None
     if fake is not None:
         fake.reset()
         phase = LLMPhase(fake, BATCH_LINES)
+        fake_cpu = cpu_s(fake.proc.pid)
         with phase:
             sample, out, _ = tool.run(args, name, timeout, env)
+        fake_cpu = cpu_s(fake.proc.pid) - fake_cpu
         stats = fake.stats()
     else:
         sample, out, _ = tool.run(args, name, timeout, env)
@@ -492,6 +495,7 @@ def run_batch(
         if stats is None
         else {k: stats[k] for k in ("requests", "streamed", "max_inflight")},
         "llm_phase_s": None if phase is None or phase.seconds is None else round(phase.seconds, 3),
+        "fake_llm_cpu_s": None if fake_cpu is None else round(fake_cpu, 2),
         "answers": [r.get("answer") for r in rows],
     }
     if result["llm_phase_s"]:
@@ -535,14 +539,16 @@ def measure_batches(
     if "b" in only:
         flow = flows / "dag_python5"
         out["b"] = {"ours": [], "peer": []}
-        for i in range(reps):
-            r = run_batch(ours, None, flow, data, f"b-ours-{i}", 600)
-            out["b"]["ours"].append(r)
-            log(f"(b) ours #{i + 1}: {describe(r)}")
-        for i in range(peer_reps if peer else 0):
-            r = run_batch(peer, None, flow, data, f"b-pf-{i}", 900)
-            out["b"]["peer"].append(r)
-            log(f"(b) pf   #{i + 1}: {describe(r)}")
+        # interleaved, so that other work on the machine weighs on both tools alike
+        for i in range(max(reps, peer_reps if peer else 0)):
+            if i < reps:
+                r = run_batch(ours, None, flow, data, f"b-ours-{i}", 600)
+                out["b"]["ours"].append(r)
+                log(f"(b) ours #{i + 1}: {describe(r)}")
+            if peer is not None and i < peer_reps:
+                r = run_batch(peer, None, flow, data, f"b-pf-{i}", 900)
+                out["b"]["peer"].append(r)
+                log(f"(b) pf   #{i + 1}: {describe(r)}")
     if "c" in only:
         fake.config(LLM_TIMING)
         latency = fake.call_latency_s()
@@ -624,6 +630,18 @@ def fmt(value: float | None, unit: str = "", digits: int = 2) -> str:
     return f"{value:,.{digits}f}{unit}"
 
 
+def cpu_note(label: str, ours: Sequence[Mapping[str, Any]], peer: Sequence[Mapping[str, Any]]) -> str:
+    """CPU seconds the whole process tree spent on the batch, ours against prompt flow's (median of runs)."""
+    o = median([r["monitor"]["cpu_s"] for r in ours])
+    p = median([r["monitor"]["cpu_s"] for r in peer])
+    per_line = f"{o / BATCH_LINES * 1000:.2f} ms" if o == o else "n/a"
+    return (
+        f"{label}: CPU seconds of the whole process tree for {BATCH_LINES:,} lines, fake LLM excluded: ours "
+        f"{fmt(o)} ({per_line} a line), prompt flow {fmt(p)}; prompt flow spends {fmt(p / o if o and p == p else None, '×', 1)} "
+        "as much CPU."
+    )
+
+
 def summarize(raw: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     """The verdict rows (measure, ours, peer, ratio, target, pass) and extra detail lines."""
     rows: list[dict[str, Any]] = []
@@ -679,6 +697,7 @@ def summarize(raw: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
                 "pass": ratio is not None and ratio >= 10,
             }
         )
+        notes.append(cpu_note("(b)", b["ours"], b["peer"]))
     c = raw.get("c")
     if c:
         ours = median([r["lines_per_s"] for r in ok_runs(c["ours_default"])]) if c["ours_default"] else None
@@ -694,6 +713,7 @@ def summarize(raw: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
                 "pass": ratio is not None and ratio >= 10,
             }
         )
+        notes.append(cpu_note("(c) default settings", c["ours_default"], c["peer"]))
         runs = ok_runs(c["ours_128"])
         ideal = IN_FLIGHT / c["call_latency_s"]
         phase = median([r["llm_phase_lines_per_s"] for r in runs if r.get("llm_phase_lines_per_s")])
@@ -758,9 +778,10 @@ def summarize(raw: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
 def sample_table(raw: Mapping[str, Any]) -> list[str]:
     """Every sample, one table row each."""
     lines = [
-        "| measure | tool | run | wall s | lines/s | LLM phase lines/s | CPU s | peak tree RSS MB | procs (runners) | "
+        "| measure | tool | run | wall s | lines/s | LLM phase lines/s | CPU s (of which fork server side) | "
+        "fake LLM CPU s | peak tree RSS MB | procs (runners) | "
         "fake max in flight | rows out | rc |",
-        "|" + "---|" * 12,
+        "|" + "---|" * 13,
     ]
 
     def add(
@@ -770,7 +791,8 @@ def sample_table(raw: Mapping[str, Any]) -> list[str]:
         fake = r.get("fake_llm") or {}
         lines.append(
             f"| {measure} | {tool} | {run} | {m['wall_s']:.3f} | {fmt(r.get('lines_per_s'), '', 1)} | "
-            f"{fmt(r.get('llm_phase_lines_per_s'), '', 1)} | {m['cpu_s']:.2f} | {m['peak_tree_rss_mb']:.0f} | "
+            f"{fmt(r.get('llm_phase_lines_per_s'), '', 1)} | {m['cpu_s']:.2f} ({m.get('extra_cpu_s', 0):.2f}) | "
+            f"{fmt(r.get('fake_llm_cpu_s'))} | {m['peak_tree_rss_mb']:.0f} | "
             f"{m['peak_procs']} ({(m.get('peak_by_kind') or {}).get('runner', '-')}) | "
             f"{fake.get('max_inflight', '')} | {r.get('rows_out', '')} | {m['rc']} |"
         )

@@ -442,6 +442,11 @@ class Runner:
                 self.executor.close()
             except Exception:
                 pass
+        llm = sys.modules.get("flowengine.llm")
+        if llm is not None:
+            # Close the LLM clients' connection pools on their own loop, before it goes away.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(llm.close_clients(), 5)
 
 
 def _install_compat() -> None:

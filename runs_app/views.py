@@ -224,7 +224,12 @@ def run_list(request: HttpRequest) -> HttpResponse:
     """The runs the user can see, filtered by the query string; htmx gets just the rows."""
     form = RunFilterForm(request.GET, flows=flow_list_for(request.user))
     filters = form.selector_kwargs()
-    page = Paginator(selectors.run_list_for(request.user, **filters), 50).get_page(request.GET.get("page"))
+    runs = selectors.run_list_between(
+        selectors.run_list_for(request.user, **filters),
+        since=request.GET.get("since", ""),
+        until=request.GET.get("until", ""),
+    )
+    page = Paginator(runs, 50).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
     context = {
@@ -234,6 +239,8 @@ def run_list(request: HttpRequest) -> HttpResponse:
         "filtered": any(filters.values()),
         # While a run on the page is active, the rows refresh themselves every two seconds.
         "live": any(run.is_active for run in page),
+        # The chosen columns (`cols=`, metrics included) and the metric values of each listed run.
+        **selectors.run_list_columns(page.object_list, cols=request.GET.getlist("cols")),
     }
     return render(request, f"{LIST}#rows" if request.htmx else LIST, context)
 
