@@ -13,7 +13,8 @@ SCALEOUT_BROKER_URL ?= redis://127.0.0.1:6379/1
 TEST_ENV = STUDIO_DATA_DIR=$$(mktemp -d /tmp/flowstudio-test-XXXXXX)
 
 .DEFAULT_GOAL := help
-.PHONY: help run worker test test-engine test-scaleout lint check bench bench-engine clean
+.PHONY: help run worker test test-engine test-scaleout lint check bench bench-engine bench-authoring bench-runs \
+	bench-compare bench-serve bench-single-test clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -61,10 +62,25 @@ check: $(RUN_STAMP) ## Django system checks, with production settings
 	STUDIO_PRODUCTION=1 STUDIO_SECRET_KEY=$$($(BIN)/python -c 'import secrets;print(secrets.token_urlsafe(60))') \
 	  $(BIN)/python manage.py check --deploy --fail-level WARNING
 
-bench: bench-engine ## Run the benchmarks against prompt flow; results in bench/results/
+bench: bench-engine bench-authoring bench-runs bench-compare bench-serve bench-single-test ## Run every benchmark; results in bench/results/
 
-bench-engine: $(TEST_STAMP) ## Engine benchmark against prompt flow: bench/results/engine.md
-	$(BIN)/python bench/engine_bench.py
+bench-engine: $(TEST_STAMP) ## Engine against prompt flow (flow test, local batches): bench/results/engine.md
+	$(TEST_ENV) $(BIN)/python bench/engine_bench.py
+
+bench-authoring: $(TEST_STAMP) ## History and diff pages of a 50-file, 200-version flow: bench/results/authoring.md
+	$(TEST_ENV) $(BIN)/python bench/authoring_bench.py
+
+bench-runs: $(TEST_STAMP) ## Batch runs on Celery workers against prompt flow's pf run: bench/results/runs.md
+	$(TEST_ENV) $(BIN)/python bench/runs_bench.py
+
+bench-compare: $(TEST_STAMP) ## Compare page over three 20,000-line runs: bench/results/compare.md
+	$(TEST_ENV) $(BIN)/python bench/compare_bench.py
+
+bench-serve: $(TEST_STAMP) ## Endpoints against prompt flow's pf flow serve: bench/results/serve.md
+	$(TEST_ENV) $(BIN)/python bench/serve_bench.py
+
+bench-single-test: $(TEST_STAMP) ## Token latency of single tests over the websocket: bench/results/single_test.md
+	$(TEST_ENV) $(BIN)/python bench/single_test_bench.py
 
 clean: ## Remove the virtualenv and local data
 	rm -rf $(VENV) data

@@ -503,6 +503,50 @@ def run_batch(
     return result
 
 
+# The same 1,000 chat calls, 128 at a time, from a bare asyncio loop over the openai SDK with the aiohttp
+# transport (as flowengine/llm.py makes them): the ceiling any Python engine on this SDK reaches here.
+SDK_REFERENCE = """
+import asyncio, json, sys, time
+import openai
+
+async def main(url, n, conc):
+    client = openai.AsyncOpenAI(api_key="sk-mock", base_url=url, max_retries=0,
+                                http_client=openai.DefaultAioHttpClient())
+    sem = asyncio.Semaphore(conc)
+
+    async def one(i):
+        async with sem:
+            r = await client.chat.completions.create(
+                model="mock-gpt", max_tokens=64, temperature=0,
+                messages=[{"role": "system", "content": "You are a terse assistant."},
+                          {"role": "user", "content": f"Question {i}"}])
+            return r.choices[0].message.content
+
+    await one(-1)
+    t, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    await client.close()
+    print(json.dumps({"calls_per_s": round(n / wall, 1), "cpu_ms_per_call": round(cpu / n * 1000, 3)}))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+def sdk_reference(fake: FakeLLM) -> dict[str, Any] | None:
+    """Calls/s and CPU per call of the bare SDK loop (None when it fails)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SDK_REFERENCE, fake.url + "/v1", str(BATCH_LINES), str(IN_FLIGHT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        log(f"the bare SDK reference failed: {proc.stderr.strip()[-500:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def describe(res: Mapping[str, Any]) -> str:
     """One progress line for a batch."""
     m = res["monitor"]
@@ -555,6 +599,12 @@ def measure_batches(
         log(f"(c) fake LLM call latency (non-streaming, sequential, median of 5): {latency * 1000:.1f} ms")
         flow = flows / "dag_llm"
         out["c"] = {"call_latency_s": round(latency, 4), "ours_default": [], "ours_128": [], "peer": []}
+        out["c"]["sdk_reference"] = ref = sdk_reference(fake)
+        if ref:
+            log(
+                f"(c) bare openai SDK loop, {IN_FLIGHT} in flight: {ref['calls_per_s']} calls/s, "
+                f"{ref['cpu_ms_per_call']} ms CPU a call"
+            )
         for i in range(reps):
             r = run_batch(ours, fake, flow, data, f"c-ours-default-{i}", 600)
             out["c"]["ours_default"].append(r)
@@ -755,6 +805,15 @@ def summarize(raw: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
                 "pass": runners == 1 and inflight == IN_FLIGHT,
             }
         )
+        ref = c.get("sdk_reference")
+        if ref:
+            notes.append(
+                f"(c) reference, measured in the same run: a bare asyncio loop making the same {BATCH_LINES:,} "
+                f"calls {IN_FLIGHT} at a time through the openai SDK (aiohttp transport, no engine) reaches "
+                f"{ref['calls_per_s']:.1f} calls/s = {ref['calls_per_s'] / ideal:.2f}× the ideal, at "
+                f"{ref['cpu_ms_per_call']:.2f} ms CPU a call; ours over the LLM phase is "
+                f"{fmt(phase / ref['calls_per_s'] if runs else None, '×')} that."
+            )
         notes.append(
             f"(c) ours with {IN_FLIGHT} in flight, whole `run create` process: {fmt(whole, ' lines/s', 1)} "
             f"= {fmt(whole / ideal if runs else None, '×')} the ideal (start-up and the last partial "

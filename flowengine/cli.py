@@ -702,6 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = run.add_parser("show-metrics", help="a run's metrics")
     p.add_argument("--name", "-n", required=True)
     p.set_defaults(func=cmd_run_show_metrics)
+
+    from flowengine.cli_server import add_server_commands
+
+    add_server_commands(groups, flow, run)
     return parser
 
 

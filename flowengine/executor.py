@@ -547,6 +547,7 @@ class FlowExecutor:
         known = {n.name for n in nodes}
         try:
             while pending or running:
+                startable: list[Node] = []
                 progressed = True
                 while progressed:
                     progressed = False
@@ -560,8 +561,16 @@ class FlowExecutor:
                             line.outputs[node.name] = None
                             line.emit(NodeBypassed(node=node.name, line_number=line.ctx.line_number))
                             continue
-                        task = asyncio.get_running_loop().create_task(self._run_node(line, node))
-                        running[task] = node
+                        startable.append(node)
+                if len(startable) == 1 and not running:
+                    # The only node that can run is awaited right here: a chain of nodes then costs no task
+                    # and no extra pass of the event loop per node, which adds up with many lines in flight.
+                    node = startable[0]
+                    line.outputs[node.name] = await self._run_node(line, node)
+                    continue
+                for node in startable:
+                    task = asyncio.get_running_loop().create_task(self._run_node(line, node))
+                    running[task] = node
                 if not running:
                     if pending:
                         names = ", ".join(n.name for n in pending)

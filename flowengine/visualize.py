@@ -11,7 +11,6 @@ import html
 import json
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 # Word diffs of longer texts would cost more than they show; beyond this they are left out.
@@ -132,9 +131,11 @@ def static_comparison_html(
     )
 
 
-def write_static_comparison(store: Any, names: Sequence[str]) -> Path:
-    """Write the comparison of local runs `names` into the first run's folder; returns the file's path."""
-    runs = [(name, store.details(name), store.metrics(name)) for name in names]
-    target = store.path(names[0]) / "visualize.html"
-    target.write_text(static_comparison_html(runs), encoding="utf-8")
-    return target
+def open_in_browser(url: str) -> bool:
+    """Open `url` in the user's browser when one is available ($BROWSER or a registered one); never fails."""
+    import webbrowser
+
+    try:
+        return bool(webbrowser.get().open(url))
+    except webbrowser.Error:
+        return False

@@ -666,3 +666,246 @@ def runs_delete(request: HttpRequest, run_ref: str) -> Status[Any]:
     except (services.RunError, PermissionDenied) as exc:
         return Status(422, ErrorOut(detail=str(exc)))
     return Status(204, None)
+
+
+# --- online endpoints and deployments ----------------------------------------------------------------------------
+
+
+class DeploymentIn(Schema):
+    """Deploy a run's snapshot (or a flow's version) behind an endpoint, creating the endpoint if it is new."""
+
+    run: str | None = Field(default=None, description="run id or name (its snapshot is deployed)")
+    flow: str | None = Field(default=None, description="flow name or name@version, instead of a run")
+    flow_id: int | None = None
+    flow_version: int | None = None
+    endpoint: str
+    deployment: str = "blue"
+    new_endpoint: bool | None = Field(default=None, description="true: must create; false: must exist")
+    outputs: list[str] | None = Field(default=None, description="outputs the endpoint returns (default all)")
+    connections: dict[str, str] = Field(default_factory=dict, description="flow connection -> yours")
+    instance_count: int = 1
+    description: str = ""
+
+
+class EndpointKeysOut(Schema):
+    """An endpoint's keys in plain text: only in the answer that created or regenerated them."""
+
+    primary: str | None = None
+    secondary: str | None = None
+
+
+class DeploymentOut(Schema):
+    """One deployment of an endpoint."""
+
+    name: str
+    traffic: int
+    snapshot: str
+    run: str | None
+    flow: str
+    flow_version: int | None
+    flow_kind: str
+    outputs: list[str]
+    connections: dict[str, str]
+    instance_count: int
+    created_at: datetime
+
+
+class EndpointOut(Schema):
+    """An endpoint with its deployments and key prefixes (never the keys)."""
+
+    name: str
+    scoring_uri: str
+    swagger_uri: str
+    disabled: bool
+    description: str
+    auth_mode: str
+    key_prefixes: dict[str, str]
+    deployments: list[DeploymentOut]
+    traffic: dict[str, int]
+    created_at: datetime
+
+
+class DeploymentCreatedOut(Schema):
+    """The new deployment, its endpoint, and the keys when the endpoint is new (shown this once)."""
+
+    endpoint: EndpointOut
+    deployment: DeploymentOut
+    keys: EndpointKeysOut | None
+
+
+class EndpointPatch(Schema):
+    """Traffic split (deployment -> percent, adding up to 100 or 0), disabled flag, description."""
+
+    traffic: dict[str, int] | None = None
+    disabled: bool | None = None
+    description: str | None = None
+
+
+class KeyRegenerateIn(Schema):
+    """Which key to replace."""
+
+    key_type: Literal["primary", "secondary"] = "primary"
+
+
+class KeyRegeneratedOut(Schema):
+    """The new key, in plain text this once."""
+
+    key_type: str
+    key: str
+
+
+def _deployment_out(deployment: Any) -> dict[str, Any]:
+    return {
+        "name": deployment.name,
+        "traffic": deployment.traffic,
+        "snapshot": deployment.snapshot_id,
+        "run": deployment.run.name if deployment.run_id else None,
+        "flow": deployment.flow_name,
+        "flow_version": deployment.flow_version.number if deployment.flow_version_id else None,
+        "flow_kind": deployment.flow_kind,
+        "outputs": list(deployment.outputs or []),
+        "connections": dict(deployment.connection_overrides or {}),
+        "instance_count": deployment.instance_count,
+        "created_at": deployment.created_at,
+    }
+
+
+def endpoint_out(request: HttpRequest, endpoint: Any) -> dict[str, Any]:
+    """The API form of an endpoint (what `flowstudio deploy` prints)."""
+    deployments = list(endpoint.deployments.all())
+    return {
+        "name": endpoint.name,
+        "scoring_uri": request.build_absolute_uri(f"/endpoints/{endpoint.name}/score"),
+        "swagger_uri": request.build_absolute_uri(f"/endpoints/{endpoint.name}/swagger.json"),
+        "disabled": endpoint.disabled,
+        "description": endpoint.description,
+        "auth_mode": "key",
+        "key_prefixes": {k.slot: k.prefix for k in selectors.endpoint_keys_of(endpoint).values()},
+        "deployments": [_deployment_out(d) for d in deployments],
+        "traffic": {d.name: d.traffic for d in deployments},
+        "created_at": endpoint.created_at,
+    }
+
+
+def _endpoint_error(exc: services.EndpointError) -> ErrorOut:
+    return ErrorOut(detail=str(exc), errors={exc.field or "__all__": [str(exc)]})
+
+
+@router.post(
+    "/deployments",
+    response={201: DeploymentCreatedOut, 404: ErrorOut, 409: ErrorOut, 422: ErrorOut},
+    summary="Deploy a run (or a flow version) to an endpoint",
+    tags=["endpoints"],
+)
+def deployments_create(request: HttpRequest, payload: DeploymentIn) -> Status[Any]:
+    """The endpoint is created when it does not exist yet; its two keys are in this answer only."""
+    user = _user(request)
+    run = None
+    version = None
+    try:
+        if payload.run:
+            run = selectors.run_get_for(user, payload.run)
+        else:
+            version = _flow_version(user, payload.flow, payload.flow_id, payload.flow_version)
+        deployment, keys = services.deployment_create(
+            user=user,
+            endpoint=payload.endpoint,
+            deployment=payload.deployment,
+            run=run,
+            flow_version=version,
+            new_endpoint=payload.new_endpoint,
+            outputs=payload.outputs,
+            connections=payload.connections,
+            instance_count=payload.instance_count,
+            description=payload.description,
+        )
+    except services.EndpointError as exc:
+        return Status(exc.status, _endpoint_error(exc))
+    except services.RunError as exc:
+        return Status(422, _run_error(exc))
+    endpoint = selectors.endpoint_get_for(user, deployment.endpoint.name)
+    created = next(d for d in endpoint.deployments.all() if d.pk == deployment.pk)
+    return Status(
+        201,
+        {
+            "endpoint": endpoint_out(request, endpoint),
+            "deployment": _deployment_out(created),
+            "keys": {"primary": keys.primary, "secondary": keys.secondary} if keys else None,
+        },
+    )
+
+
+@router.get("/endpoints", response=list[EndpointOut], summary="List your endpoints", tags=["endpoints"])
+def endpoints_list(request: HttpRequest) -> list[dict[str, Any]]:
+    """Your endpoints with their deployments and traffic split."""
+    return [endpoint_out(request, e) for e in selectors.endpoint_list_for(_user(request))]
+
+
+@router.get("/endpoints/{name}", response=EndpointOut, summary="Show an endpoint", tags=["endpoints"])
+def endpoints_get(request: HttpRequest, name: str) -> dict[str, Any]:
+    """One of your endpoints; anyone else's is 404."""
+    return endpoint_out(request, selectors.endpoint_get_for(_user(request), name))
+
+
+@router.patch(
+    "/endpoints/{name}",
+    response={200: EndpointOut, 422: ErrorOut},
+    summary="Change an endpoint's traffic split or disable it",
+    tags=["endpoints"],
+)
+def endpoints_update(request: HttpRequest, name: str, payload: EndpointPatch) -> Status[Any]:
+    """Deployments left out of `traffic` get 0%; the shares add up to 100 (or 0 to stop serving)."""
+    user = _user(request)
+    endpoint = selectors.endpoint_get_for(user, name)
+    try:
+        services.endpoint_update(
+            user=user,
+            endpoint=endpoint,
+            traffic=payload.traffic,
+            disabled=payload.disabled,
+            description=payload.description,
+        )
+    except services.EndpointError as exc:
+        return Status(exc.status, _endpoint_error(exc))
+    return Status(200, endpoint_out(request, selectors.endpoint_get_for(user, name)))
+
+
+@router.post(
+    "/endpoints/{name}/keys/regenerate",
+    response={200: KeyRegeneratedOut, 422: ErrorOut},
+    summary="Regenerate an endpoint key",
+    tags=["endpoints"],
+)
+def endpoints_key_regenerate(request: HttpRequest, name: str, payload: KeyRegenerateIn) -> Status[Any]:
+    """The old key fails from the next request; the other key keeps working."""
+    user = _user(request)
+    endpoint = selectors.endpoint_get_for(user, name)
+    try:
+        key = services.endpoint_key_regenerate(user=user, endpoint=endpoint, slot=payload.key_type)
+    except services.EndpointError as exc:
+        return Status(exc.status, _endpoint_error(exc))
+    return Status(200, {"key_type": payload.key_type, "key": key})
+
+
+@router.delete("/endpoints/{name}", response={204: None}, summary="Delete an endpoint", tags=["endpoints"])
+def endpoints_delete(request: HttpRequest, name: str) -> Status[Any]:
+    """Delete the endpoint with its deployments and request history; its keys stop working."""
+    user = _user(request)
+    services.endpoint_delete(user=user, endpoint=selectors.endpoint_get_for(user, name))
+    return Status(204, None)
+
+
+@router.delete(
+    "/endpoints/{name}/deployments/{deployment}",
+    response={204: None, 422: ErrorOut},
+    summary="Delete a deployment",
+    tags=["endpoints"],
+)
+def deployments_delete(request: HttpRequest, name: str, deployment: str) -> Status[Any]:
+    """Only a deployment without traffic (or the endpoint's last one) can go."""
+    user = _user(request)
+    try:
+        services.deployment_delete(user=user, deployment=selectors.deployment_get_for(user, name, deployment))
+    except services.EndpointError as exc:
+        return Status(exc.status, _endpoint_error(exc))
+    return Status(204, None)

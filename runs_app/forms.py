@@ -554,3 +554,128 @@ class LineSelectionForm(forms.Form):
             raise forms.ValidationError("Select at least one line to run again.")
         cleaned["lines"] = sorted(numbers)
         return cleaned
+
+
+# --- the deploy wizard -------------------------------------------------------------------------------------
+
+
+class DeployForm(forms.Form):
+    """The deploy wizard: basic settings, endpoint auth, outputs and connections (the service validates)."""
+
+    endpoint_mode = forms.ChoiceField(
+        label="Endpoint",
+        choices=[("new", "New endpoint"), ("existing", "Existing endpoint")],
+        initial="new",
+        widget=forms.RadioSelect,
+    )
+    endpoint_name = forms.CharField(
+        label="Endpoint name",
+        required=False,
+        max_length=32,
+        help_text="Part of the scoring URL /endpoints/&lt;name&gt;/score: 3 to 32 lower-case letters, digits, '-'.",
+    )
+    endpoint = forms.ChoiceField(label="Existing endpoint", required=False, choices=())
+    deployment = forms.CharField(
+        label="Deployment name",
+        max_length=32,
+        initial="blue",
+        help_text="Deployments of one endpoint split its traffic (blue / green).",
+    )
+    instance_count = forms.IntegerField(
+        label="Warm runner processes",
+        min_value=1,
+        max_value=8,
+        initial=1,
+        help_text="Each runner serves many requests at once; more of them spread CPU-bound flows.",
+    )
+    auth_mode = forms.ChoiceField(
+        label="Authentication",
+        choices=[("key", "Key: a primary and a secondary key, shown once")],
+        initial="key",
+        widget=forms.RadioSelect,
+    )
+    outputs = forms.MultipleChoiceField(
+        label="Outputs the endpoint returns", required=False, widget=forms.CheckboxSelectMultiple
+    )
+
+    def __init__(
+        self,
+        data: Mapping[str, Any] | None = None,
+        *,
+        endpoints: Sequence[str],
+        outputs: Sequence[str],
+        connections_used: Sequence[str],
+        connections_available: Sequence[str],
+        chosen_endpoint: str = "",
+    ) -> None:
+        initial: dict[str, Any] = {"outputs": list(outputs)}
+        if chosen_endpoint and chosen_endpoint in endpoints:
+            initial.update(endpoint_mode="existing", endpoint=chosen_endpoint)
+        super().__init__(data, initial=initial)
+        self.fields["endpoint"].choices = [("", "— choose —"), *((e, e) for e in endpoints)]
+        self.fields["outputs"].choices = [(o, o) for o in outputs]
+        self.has_endpoints = bool(endpoints)
+        choices = [("", "— none of mine —"), *((c, c) for c in connections_available)]
+        for name in connections_used:
+            field = forms.ChoiceField(
+                label=name,
+                required=False,
+                choices=choices,
+                initial=name if name in connections_available else "",
+            )
+            self.fields[f"conn__{name}"] = field
+
+    def clean(self) -> dict[str, Any]:
+        """The endpoint name comes from the field of the chosen mode."""
+        cleaned = super().clean()
+        mode = cleaned.get("endpoint_mode")
+        if mode == "new" and not cleaned.get("endpoint_name"):
+            self.add_error("endpoint_name", "Name the new endpoint.")
+        if mode == "existing" and not cleaned.get("endpoint"):
+            self.add_error("endpoint", "Choose one of your endpoints.")
+        if not cleaned.get("outputs") and self.fields["outputs"].choices:
+            self.add_error("outputs", "Choose at least one output the endpoint returns.")
+        return cleaned
+
+    def connection_fields(self) -> list[forms.BoundField]:
+        """The bound connection fields, one per connection the flow uses."""
+        return [self[name] for name in self.fields if name.startswith("conn__")]
+
+    def error_field(self, name: str | None) -> str | None:
+        """The form field a service error's `field` refers to (None: an error of the whole form)."""
+        if name == "endpoint":
+            name = "endpoint_name" if self.cleaned_data.get("endpoint_mode") == "new" else "endpoint"
+        if name == "connections":
+            fields = self.connection_fields()
+            return fields[0].name if fields else None
+        return name if name in self.fields else None
+
+    def service_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `services.deployment_create`."""
+        data = self.cleaned_data
+        new = data["endpoint_mode"] == "new"
+        return {
+            "endpoint": data["endpoint_name"] if new else data["endpoint"],
+            "new_endpoint": new,
+            "deployment": data["deployment"],
+            "instance_count": data["instance_count"],
+            "outputs": list(data.get("outputs") or []) if self.fields["outputs"].choices else None,
+            "connections": {
+                name.removeprefix("conn__"): data[name] for name in self.fields if name.startswith("conn__")
+            },
+        }
+
+
+class TrafficForm(forms.Form):
+    """The traffic split of an endpoint's deployments: one whole percent per deployment."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None, *, deployments: Sequence[Any]) -> None:
+        super().__init__(data)
+        for deployment in deployments:
+            self.fields[f"traffic__{deployment.name}"] = forms.IntegerField(
+                label=deployment.name, min_value=0, max_value=100, initial=deployment.traffic
+            )
+
+    def traffic(self) -> dict[str, int]:
+        """Deployment name -> percent."""
+        return {name.removeprefix("traffic__"): value for name, value in self.cleaned_data.items()}

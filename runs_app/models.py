@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
+from django.core.validators import RegexValidator
 from django.db import models
 
 
@@ -220,3 +221,113 @@ class RunLog(models.Model):
     def seq(self) -> int:
         """The position of this line in the run's log (increasing, not contiguous)."""
         return int(self.pk)
+
+
+# --- online endpoints and their deployments ---------------------------------------------------------------
+
+# Endpoint and deployment names are URL segments (/endpoints/<name>/score): lower-case, 3-32 characters.
+ENDPOINT_NAME_PATTERN = r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$"
+ENDPOINT_NAME_RULE = "3 to 32 lower-case letters, digits and '-', starting with a letter, not ending with '-'"
+endpoint_name_validator = RegexValidator(ENDPOINT_NAME_PATTERN, message=f"Use {ENDPOINT_NAME_RULE}.")
+
+
+class Endpoint(models.Model):
+    """An online endpoint: a stable scoring URL with two keys, splitting its traffic over deployments."""
+
+    name = models.CharField(max_length=32, unique=True, validators=[endpoint_name_validator])
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="endpoints")
+    description = models.TextField(blank=True, default="")
+    disabled = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Deployment(models.Model):
+    """One snapshot served behind an endpoint; only its traffic share ever changes after creation."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="deployments")
+    name = models.CharField(max_length=32, validators=[endpoint_name_validator])
+    snapshot = models.ForeignKey("flows_app.Snapshot", on_delete=models.PROTECT, related_name="deployments")
+    run = models.ForeignKey(Run, on_delete=models.SET_NULL, null=True, blank=True, related_name="deployments")
+    flow = models.ForeignKey(
+        "flows_app.Flow", on_delete=models.SET_NULL, null=True, blank=True, related_name="deployments"
+    )
+    flow_version = models.ForeignKey(
+        "flows_app.FlowVersion", on_delete=models.SET_NULL, null=True, blank=True, related_name="deployments"
+    )
+    flow_name = models.CharField(max_length=200, blank=True, default="")
+    flow_kind = models.CharField(max_length=16, blank=True, default="")
+    # The outputs the endpoint returns; empty means all of them (evaluation-only outputs never are).
+    outputs = models.JSONField(default=list, blank=True)
+    # A connection name the flow uses -> the endpoint owner's connection that serves it instead.
+    connection_overrides = models.JSONField(default=dict, blank=True)
+    variant = models.CharField(max_length=255, blank=True, default="")
+    init = models.JSONField(default=dict, blank=True)
+    environment_variables = models.JSONField(default=dict, blank=True)
+    instance_count = models.PositiveSmallIntegerField(default=1)
+    traffic = models.PositiveSmallIntegerField(default=0)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["endpoint_id", "created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["endpoint", "name"], name="deployment_name_unique_per_endpoint")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id}/{self.name}"
+
+
+class EndpointKey(models.Model):
+    """One of an endpoint's two keys, stored only as the sha256 of the key."""
+
+    class Slot(models.TextChoices):
+        PRIMARY = "primary", "Primary"
+        SECONDARY = "secondary", "Secondary"
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="keys")
+    slot = models.CharField(max_length=16, choices=Slot.choices)
+    key_hash = models.CharField(max_length=64, unique=True)
+    # The first characters of the key, so its owner can tell keys apart; not enough to guess the rest.
+    prefix = models.CharField(max_length=16)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["endpoint_id", "slot"]
+        constraints = [models.UniqueConstraint(fields=["endpoint", "slot"], name="endpoint_key_slot_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id} {self.slot} {self.prefix}…"
+
+
+class EndpointRequest(models.Model):
+    """One scoring request, written in batches after its response for the Monitoring tab."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="requests")
+    deployment = models.ForeignKey(
+        Deployment, on_delete=models.SET_NULL, null=True, blank=True, related_name="requests"
+    )
+    time = models.DateTimeField()
+    status = models.PositiveSmallIntegerField()
+    latency_ms = models.FloatField()
+    streamed = models.BooleanField(default=False)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    total_tokens = models.PositiveIntegerField(default=0)
+    error_code = models.CharField(max_length=32, blank=True, default="")
+
+    class Meta:
+        ordering = ["-time", "-id"]
+        indexes = [models.Index(fields=["endpoint", "time"], name="endpoint_request_time")]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id} {self.time:%Y-%m-%d %H:%M:%S} {self.status}"

@@ -916,7 +916,9 @@ def run_compare_metrics(cmp: Comparison) -> dict[str, Any]:
             cells.append(
                 {
                     "run": run,
-                    "text": shown(value) if value is not None else "",
+                    "text": _fmt(value)
+                    if _is_number(value) and not isinstance(value, bool)
+                    else shown(value),
                     "value": value,
                     "delta": None if is_base else _delta(value, base.get(key), better=better),
                 }
@@ -1225,4 +1227,116 @@ def run_list_columns(runs: Iterable[Run], *, cols: Sequence[str] = ()) -> dict[s
         "shown": {c["id"] for c in columns if c["shown"]},
         "metric_columns": shown_metrics,
         "cols_param": ",".join(c["id"] for c in columns if c["shown"]),
+    }
+
+
+# --- online endpoints (only their owner sees them; anyone else gets Http404) -------------------------------
+
+ENDPOINT_MONITOR_WINDOWS = {"1h": (1, 12), "24h": (24, 24), "7d": (24 * 7, 28)}
+
+
+def endpoint_list_for(user: User) -> QuerySet[Any]:
+    """The user's endpoints with their deployments (and what each was deployed from) prefetched."""
+    from django.db.models import Prefetch
+
+    from runs_app.models import Deployment, Endpoint
+
+    if not user.is_authenticated:
+        return Endpoint.objects.none()
+    deployments = Deployment.objects.select_related("run", "flow", "flow_version").order_by(
+        "created_at", "id"
+    )
+    return (
+        Endpoint.objects.filter(owner=user)
+        .prefetch_related(Prefetch("deployments", queryset=deployments), "keys")
+        .order_by("name")
+    )
+
+
+def endpoint_get_for(user: User, name: str) -> Any:
+    """One endpoint of the user, by name; Http404 for anything else (never 403)."""
+    endpoint = endpoint_list_for(user).filter(name=str(name)).first()
+    if endpoint is None:
+        raise Http404("No such endpoint.")
+    return endpoint
+
+
+def deployment_get_for(user: User, endpoint_name: str, name: str) -> Any:
+    """One deployment of one of the user's endpoints; Http404 otherwise."""
+    endpoint = endpoint_get_for(user, endpoint_name)
+    deployment = next((d for d in endpoint.deployments.all() if d.name == name), None)
+    if deployment is None:
+        raise Http404("No such deployment.")
+    deployment.endpoint = endpoint
+    return deployment
+
+
+def endpoint_keys_of(endpoint: Any) -> dict[str, Any]:
+    """The endpoint's keys by slot ("primary", "secondary"): prefixes and dates, never the keys."""
+    return {key.slot: key for key in endpoint.keys.all()}
+
+
+def deployment_interface(deployment: Any) -> Any:
+    """The served flow's inputs and outputs (`flowengine.serving.FlowInterface`), read without running it."""
+    from flowengine import load_flow
+    from flowengine.serving import FlowInterface
+    from flows_app.services import snapshot_materialize
+
+    return FlowInterface.from_flow(load_flow(snapshot_materialize(snapshot_sha=deployment.snapshot_id)))
+
+
+def _percentile(values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of sorted values."""
+    if not values:
+        return None
+    index = max(0, min(len(values) - 1, int(round(fraction * len(values) + 0.5)) - 1))
+    return values[index]
+
+
+def _monitor_numbers(rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    latencies = sorted(r[2] for r in rows)
+    return {
+        "requests": len(rows),
+        "errors": sum(1 for r in rows if r[1] >= 400),
+        "p50": _percentile(latencies, 0.5),
+        "p95": _percentile(latencies, 0.95),
+        "tokens": sum(r[3] for r in rows),
+    }
+
+
+def endpoint_monitoring(endpoint: Any, *, window: str = "24h", now: Any = None) -> dict[str, Any]:
+    """Requests, errors (status >= 400), p50 / p95 latency (ms) and tokens of the window, in total, per
+    deployment and per time bucket (oldest first)."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from runs_app.models import EndpointRequest
+
+    hours, buckets = ENDPOINT_MONITOR_WINDOWS.get(window, ENDPOINT_MONITOR_WINDOWS["24h"])
+    window = window if window in ENDPOINT_MONITOR_WINDOWS else "24h"
+    end = now or timezone.now()
+    start = end - dt.timedelta(hours=hours)
+    step = (end - start) / buckets
+    rows = list(
+        EndpointRequest.objects.filter(endpoint=endpoint, time__gte=start, time__lte=end)
+        .order_by("time")
+        .values_list("time", "status", "latency_ms", "total_tokens", "deployment__name")[:200_000]
+    )
+    grouped: list[list[tuple[Any, ...]]] = [[] for _ in range(buckets)]
+    for row in rows:
+        grouped[min(buckets - 1, int((row[0] - start) / step))].append(row)
+    series = [{"start": start + step * i, **_monitor_numbers(group)} for i, group in enumerate(grouped)]
+    by_deployment: dict[str, list[tuple[Any, ...]]] = {}
+    for row in rows:
+        by_deployment.setdefault(row[4] or "(deleted)", []).append(row)
+    return {
+        "window": window,
+        "start": start,
+        "end": end,
+        "total": _monitor_numbers(rows),
+        "deployments": [
+            {"name": name, **_monitor_numbers(group)} for name, group in sorted(by_deployment.items())
+        ],
+        "series": series,
     }

@@ -1685,3 +1685,595 @@ def run_reaper_start(*, interval: float | None = None) -> threading.Thread | Non
     thread = threading.Thread(target=loop, name="runs-reaper", daemon=True)
     thread.start()
     return thread
+
+
+# --- online endpoints and deployments ----------------------------------------------------------------------
+#
+# An endpoint is a stable URL (/endpoints/<name>/score, served by runs_app/endpoints_asgi.py) with two keys;
+# its deployments each serve one immutable snapshot and split the traffic. Keys are stored as sha256 only and
+# shown once. The serving process caches a successful key check for ENDPOINT_AUTH_CACHE_SECONDS; every change
+# made here drops the endpoint's cached entries when its transaction commits, so in the same web process a
+# regenerated key or a disabled endpoint takes effect on the very next request (other web processes, if any,
+# within the cache time).
+
+ENDPOINT_KEY_PREFIX = "fse_"
+ENDPOINT_TEST_TOKEN_PREFIX = "fset_"
+ENDPOINT_TEST_TOKEN_SALT = "runs_app.endpoint-test-token"
+ENDPOINT_TEST_TOKEN_SECONDS = 900
+ENDPOINT_AUTH_CACHE_SECONDS = 2.0
+ENDPOINT_MAX_INSTANCES = 8
+ENDPOINT_KEY_SLOTS = ("primary", "secondary")
+
+
+class EndpointError(ValueError):
+    """A deployment or endpoint change that cannot be made; `field` names the form field at fault."""
+
+    def __init__(self, message: str, *, field: str | None = None, status: int = 422) -> None:
+        super().__init__(message)
+        self.field = field
+        self.status = status
+
+
+@dataclass(frozen=True)
+class EndpointKeys:
+    """An endpoint's two plaintext keys: returned once, at creation, and never stored."""
+
+    primary: str
+    secondary: str
+
+
+@dataclass(frozen=True)
+class ServedDeployment:
+    """One deployment as the serving process routes to it."""
+
+    id: int
+    name: str
+    traffic: int
+    snapshot: str
+
+
+@dataclass(frozen=True)
+class EndpointAuth:
+    """The endpoint a scoring request authenticated for, as the serving process caches it."""
+
+    endpoint_id: int
+    name: str
+    disabled: bool
+    deployments: tuple[ServedDeployment, ...]
+
+
+@dataclass(frozen=True)
+class DeploymentServing:
+    """Everything a runner pool needs to serve one deployment (connections decrypted: runners only)."""
+
+    deployment_id: int
+    endpoint: str
+    name: str
+    snapshot: str
+    flow_name: str
+    flow_dir: Path
+    connections: dict[str, Any]
+    variant: str | None
+    init: dict[str, Any]
+    environment_variables: dict[str, str]
+    outputs: list[str]
+    instance_count: int
+    line_timeout: float
+    limits: Any
+
+
+_endpoint_auth_cache: dict[tuple[str, str], tuple[float, EndpointAuth]] = {}
+_endpoint_auth_lock = threading.Lock()
+
+
+def endpoint_key_hash(key: str) -> str:
+    """The sha256 hex digest an endpoint key is stored as."""
+    import hashlib
+
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _endpoint_key_new() -> str:
+    import secrets
+
+    # 256 random bits: a plain sha256 is enough to store keys this strong.
+    return ENDPOINT_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def _endpoint_forget(name: str) -> None:
+    """Drop the cached key checks of an endpoint (called when a change commits)."""
+    with _endpoint_auth_lock:
+        for key in [k for k in _endpoint_auth_cache if k[0] == name]:
+            _endpoint_auth_cache.pop(key, None)
+
+
+def _endpoint_changed(name: str) -> None:
+    transaction.on_commit(lambda: _endpoint_forget(name))
+
+
+def _endpoint_name_check(name: str, field: str) -> str:
+    import re
+
+    from runs_app.models import ENDPOINT_NAME_PATTERN, ENDPOINT_NAME_RULE
+
+    name = (name or "").strip()
+    if not re.fullmatch(ENDPOINT_NAME_PATTERN, name):
+        raise EndpointError(f"'{name}' is not a valid name: use {ENDPOINT_NAME_RULE}.", field=field)
+    return name
+
+
+def _endpoint_owner_check(user: AbstractBaseUser, endpoint: Any, action: str) -> None:
+    from django.core.exceptions import PermissionDenied
+
+    if endpoint.owner_id != user.pk:
+        raise PermissionDenied(f"Only the owner of endpoint '{endpoint.name}' may {action}.")
+
+
+def _endpoint_keys_store(endpoint: Any, slots: Sequence[str]) -> dict[str, str]:
+    from runs_app.models import EndpointKey
+
+    plain: dict[str, str] = {}
+    now = timezone.now()
+    for slot in slots:
+        key = _endpoint_key_new()
+        EndpointKey.objects.update_or_create(
+            endpoint=endpoint,
+            slot=slot,
+            defaults={"key_hash": endpoint_key_hash(key), "prefix": key[:10], "created_at": now},
+        )
+        plain[slot] = key
+    return plain
+
+
+def endpoint_create(*, user: AbstractBaseUser, name: str, description: str = "") -> tuple[Any, EndpointKeys]:
+    """A new endpoint with fresh primary and secondary keys, returned in plain text this once."""
+    from django.db import IntegrityError
+
+    from runs_app.models import Endpoint
+
+    name = _endpoint_name_check(name, "endpoint")
+    try:
+        with transaction.atomic():
+            endpoint = Endpoint.objects.create(name=name, owner=user, description=description.strip())
+            keys = _endpoint_keys_store(endpoint, ENDPOINT_KEY_SLOTS)
+    except IntegrityError:
+        raise EndpointError(f"The endpoint name '{name}' is taken.", field="endpoint", status=409) from None
+    _endpoint_changed(name)
+    return endpoint, EndpointKeys(primary=keys["primary"], secondary=keys["secondary"])
+
+
+def endpoint_key_regenerate(*, user: AbstractBaseUser, endpoint: Any, slot: str) -> str:
+    """Replace one key (the other keeps working, so clients can move over); the old one fails from now on."""
+    slot = (slot or "").lower()
+    if slot not in ENDPOINT_KEY_SLOTS:
+        raise EndpointError(f"key_type must be 'primary' or 'secondary', not '{slot}'.", field="key_type")
+    _endpoint_owner_check(user, endpoint, "regenerate its keys")
+    with transaction.atomic():
+        key = _endpoint_keys_store(endpoint, [slot])[slot]
+    _endpoint_changed(endpoint.name)
+    return key
+
+
+def endpoint_update(
+    *,
+    user: AbstractBaseUser,
+    endpoint: Any,
+    traffic: Mapping[str, Any] | None = None,
+    disabled: bool | None = None,
+    description: str | None = None,
+) -> Any:
+    """Change the traffic split (deployment name -> percent; missing ones get 0; the sum is 0 or 100),
+    enable or disable the endpoint, or its description."""
+    from runs_app.models import Deployment, Endpoint
+
+    _endpoint_owner_check(user, endpoint, "change it")
+    with transaction.atomic():
+        endpoint = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
+        if traffic is not None:
+            deployments = {d.name: d for d in Deployment.objects.filter(endpoint=endpoint)}
+            shares: dict[str, int] = {}
+            for name, value in traffic.items():
+                if name not in deployments:
+                    raise EndpointError(
+                        f"traffic: endpoint '{endpoint.name}' has no deployment '{name}'.", field="traffic"
+                    )
+                try:
+                    share = int(value)
+                except (TypeError, ValueError):
+                    raise EndpointError(
+                        f"traffic: '{name}' must be a whole percent.", field="traffic"
+                    ) from None
+                if not 0 <= share <= 100 or str(share) != str(value).strip():
+                    raise EndpointError(
+                        f"traffic: '{name}' must be a whole percent from 0 to 100, not {value!r}.",
+                        field="traffic",
+                    )
+                shares[name] = share
+            total = sum(shares.values())
+            if total not in (0, 100):
+                raise EndpointError(
+                    f"traffic: the shares add up to {total}%; they must add up to 100% (or 0% to stop serving).",
+                    field="traffic",
+                )
+            for name, deployment in deployments.items():
+                share = shares.get(name, 0)
+                if deployment.traffic != share:
+                    Deployment.objects.filter(pk=deployment.pk).update(traffic=share)
+        changed = []
+        if disabled is not None and endpoint.disabled != bool(disabled):
+            endpoint.disabled = bool(disabled)
+            changed.append("disabled")
+        if description is not None:
+            endpoint.description = description.strip()
+            changed.append("description")
+        endpoint.save(update_fields=[*changed, "updated_at"])
+    _endpoint_changed(endpoint.name)
+    return endpoint
+
+
+def endpoint_delete(*, user: AbstractBaseUser, endpoint: Any) -> None:
+    """Delete an endpoint, its deployments, keys and request history; both keys fail from the next request."""
+    _endpoint_owner_check(user, endpoint, "delete it")
+    name = endpoint.name
+    endpoint.delete()
+    _endpoint_changed(name)
+
+
+def _flow_connection_names(flow: EngineFlow) -> set[str]:
+    """The connections a flow names for sure (node and prompty connections), which must exist to serve it."""
+    names: set[str] = set()
+    nodes = list(flow.nodes)
+    for variants in flow.node_variants.values():
+        nodes.extend(v.node for v in variants.variants.values())
+    names.update(n.connection for n in nodes if n.connection)
+    configuration = getattr(getattr(flow, "prompty", None), "configuration", None) or {}
+    if isinstance(configuration, Mapping) and isinstance(configuration.get("connection"), str):
+        names.add(configuration["connection"])
+    return names
+
+
+def deployment_source(*, run: Run | None = None, flow_version: FlowVersion | None = None) -> dict[str, Any]:
+    """What a deployment of a run (its snapshot, variant, init, environment) or a flow version would serve,
+    with the loaded flow; EndpointError when it cannot be served."""
+    from flowengine import FlowValidationError, validate
+    from flowengine.serving import FlowInterface
+
+    if (run is None) == (flow_version is None):
+        raise EndpointError("Deploy either a run or a flow version.", field="source")
+    if run is not None:
+        source = {
+            "snapshot": run.snapshot,
+            "run": run,
+            "flow": run.flow,
+            "flow_version": run.flow_version,
+            "flow_name": run.flow.name if run.flow_id else run.name,
+            "variant": run.variant or "",
+            "init": dict(run.init or {}),
+            "environment_variables": dict(run.environment_variables or {}),
+        }
+    else:
+        assert flow_version is not None
+        source = {
+            "snapshot": flow_version.snapshot,
+            "run": None,
+            "flow": flow_version.flow,
+            "flow_version": flow_version,
+            "flow_name": flow_version.flow.name,
+            "variant": "",
+            "init": {},
+            "environment_variables": {},
+        }
+    try:
+        flow = _load_engine_flow(source["snapshot"].sha256)
+    except RunError as exc:
+        raise EndpointError(str(exc), field="source") from None
+    problems = validate(flow)
+    if problems:
+        raise EndpointError(
+            "The flow is not valid:\n" + "\n".join(str(p) for p in problems), field="source"
+        ) from None
+    if source["variant"]:
+        try:
+            flow.with_variant(source["variant"])
+        except FlowValidationError as exc:
+            raise EndpointError("; ".join(str(p) for p in exc.problems), field="source") from None
+    source["engine_flow"] = flow
+    source["interface"] = FlowInterface.from_flow(flow)
+    source["connections_used"] = sorted(_flow_connection_names(flow))
+    return source
+
+
+def _deployment_outputs(interface: Any, outputs: Sequence[str] | None) -> list[str]:
+    names = [o.name for o in interface.outputs if not o.evaluation_only]
+    if outputs is None:
+        return []
+    chosen = [str(o) for o in outputs]
+    unknown = [o for o in chosen if o not in names]
+    if unknown:
+        raise EndpointError(
+            f"outputs: the flow has no output {', '.join(repr(o) for o in unknown)} "
+            f"(it has {', '.join(names) or 'none'}).",
+            field="outputs",
+        )
+    if not chosen:
+        raise EndpointError("outputs: choose at least one output the endpoint returns.", field="outputs")
+    return [] if set(chosen) == set(names) else [n for n in names if n in chosen]
+
+
+def _deployment_overrides(
+    user: AbstractBaseUser, flow: EngineFlow, init: Mapping[str, Any], overrides: Mapping[str, Any] | None
+) -> dict[str, str]:
+    from flows_app.selectors import connection_map_for_runner
+
+    used = _connection_names(flow, init)
+    clean = {str(k): str(v).strip() for k, v in (overrides or {}).items() if str(v or "").strip()}
+    clean = {k: v for k, v in clean.items() if k != v}
+    if "*" not in used:
+        unknown = sorted(set(clean) - used)
+        if unknown:
+            raise EndpointError(
+                f"connections: the flow uses no connection {', '.join(repr(u) for u in unknown)}.",
+                field="connections",
+            )
+    required = _flow_connection_names(flow)
+    wanted = {clean.get(n, n) for n in required} | set(clean.values())
+    found = connection_map_for_runner(user, names=wanted)
+    for name in sorted(required | set(clean)):
+        target = clean.get(name, name)
+        if target not in found:
+            where = f"'{name}'" if target == name else f"'{target}' (for '{name}')"
+            raise EndpointError(
+                f"connections: you have no connection {where}; create it or pick one of yours.",
+                field="connections",
+            )
+    return clean
+
+
+def deployment_create(
+    *,
+    user: AbstractBaseUser,
+    endpoint: str,
+    deployment: str,
+    run: Run | None = None,
+    flow_version: FlowVersion | None = None,
+    new_endpoint: bool | None = None,
+    outputs: Sequence[str] | None = None,
+    connections: Mapping[str, Any] | None = None,
+    instance_count: int = 1,
+    description: str = "",
+) -> tuple[Any, EndpointKeys | None]:
+    """Deploy a run's snapshot (or a flow version's) behind an endpoint, creating the endpoint when it is new.
+
+    `new_endpoint`: True must create, False must reuse, None either. The first deployment of an endpoint takes
+    all its traffic, later ones none (move it with `endpoint_update`). Returns the deployment and, for a new
+    endpoint, its two keys in plain text (the only time they are shown).
+    """
+    from django.db import IntegrityError
+
+    from runs_app.models import Deployment, Endpoint
+
+    endpoint_name = _endpoint_name_check(endpoint, "endpoint")
+    deployment_name = _endpoint_name_check(deployment, "deployment")
+    try:
+        instances = int(instance_count)
+    except (TypeError, ValueError):
+        instances = 0
+    if not 1 <= instances <= ENDPOINT_MAX_INSTANCES:
+        raise EndpointError(
+            f"instance_count must be from 1 to {ENDPOINT_MAX_INSTANCES}, not {instance_count!r}.",
+            field="instance_count",
+        )
+    source = deployment_source(run=run, flow_version=flow_version)
+    chosen = _deployment_outputs(source["interface"], outputs)
+    overrides = _deployment_overrides(user, source["engine_flow"], source["init"], connections)
+    existing = Endpoint.objects.filter(name=endpoint_name).first()
+    if existing is not None and existing.owner_id != user.pk:
+        raise EndpointError(f"The endpoint name '{endpoint_name}' is taken.", field="endpoint", status=409)
+    if existing is not None and new_endpoint:
+        raise EndpointError(
+            f"You already have an endpoint '{endpoint_name}': add the deployment to it or pick a new name.",
+            field="endpoint",
+            status=409,
+        )
+    if existing is None and new_endpoint is False:
+        raise EndpointError(f"You have no endpoint '{endpoint_name}'.", field="endpoint", status=404)
+    keys = None
+    with transaction.atomic():
+        if existing is None:
+            target, keys = endpoint_create(user=user, name=endpoint_name, description=description)
+        else:
+            target = Endpoint.objects.select_for_update().get(pk=existing.pk)
+        first = not Deployment.objects.filter(endpoint=target).exists()
+        try:
+            with transaction.atomic():
+                created = Deployment.objects.create(
+                    endpoint=target,
+                    name=deployment_name,
+                    snapshot=source["snapshot"],
+                    run=source["run"],
+                    flow=source["flow"],
+                    flow_version=source["flow_version"],
+                    flow_name=source["flow_name"],
+                    flow_kind=source["engine_flow"].kind,
+                    outputs=chosen,
+                    connection_overrides=overrides,
+                    variant=source["variant"],
+                    init=source["init"],
+                    environment_variables=source["environment_variables"],
+                    instance_count=instances,
+                    traffic=100 if first else 0,
+                    created_by=user,
+                )
+        except IntegrityError:
+            raise EndpointError(
+                f"Endpoint '{endpoint_name}' already has a deployment '{deployment_name}'.",
+                field="deployment",
+                status=409,
+            ) from None
+    _endpoint_changed(endpoint_name)
+    return created, keys
+
+
+def deployment_delete(*, user: AbstractBaseUser, deployment: Any) -> None:
+    """Delete a deployment that takes no traffic (or the endpoint's only one); its snapshot stays."""
+    from runs_app.models import Deployment
+
+    endpoint = deployment.endpoint
+    _endpoint_owner_check(user, endpoint, "delete its deployments")
+    others = Deployment.objects.filter(endpoint=endpoint).exclude(pk=deployment.pk)
+    if deployment.traffic and others.exists():
+        raise EndpointError(
+            f"Deployment '{deployment.name}' takes {deployment.traffic}% of the traffic: move it to another "
+            "deployment first.",
+            field="traffic",
+        )
+    deployment.delete()
+    _endpoint_changed(endpoint.name)
+
+
+def _endpoint_auth_of(endpoint: Any) -> EndpointAuth:
+    from runs_app.models import Deployment
+
+    deployments = Deployment.objects.filter(endpoint=endpoint).values_list(
+        "id", "name", "traffic", "snapshot_id"
+    )
+    return EndpointAuth(
+        endpoint_id=endpoint.pk,
+        name=endpoint.name,
+        disabled=endpoint.disabled,
+        deployments=tuple(
+            ServedDeployment(id=i, name=n, traffic=t, snapshot=s) for i, n, t, s in deployments
+        ),
+    )
+
+
+def endpoint_test_token(*, user: AbstractBaseUser, endpoint: Any) -> str:
+    """A short-lived credential for the endpoint's own Test tab (signed, nothing stored)."""
+    from django.core.signing import TimestampSigner
+
+    _endpoint_owner_check(user, endpoint, "test it")
+    signed = TimestampSigner(salt=ENDPOINT_TEST_TOKEN_SALT).sign(f"{endpoint.pk}.{user.pk}")
+    return ENDPOINT_TEST_TOKEN_PREFIX + signed
+
+
+def endpoint_auth_cached(name: str, credential: str) -> EndpointAuth | None:
+    """A recent successful check of this credential for this endpoint, or None (no database access)."""
+    key = (name, endpoint_key_hash(credential))
+    entry = _endpoint_auth_cache.get(key)
+    if entry is None or entry[0] < time.monotonic():
+        return None
+    return entry[1]
+
+
+def endpoint_authenticate(*, name: str, credential: str) -> EndpointAuth | None:
+    """The endpoint and its deployments when `credential` is one of its keys (or a live test token)."""
+    import hmac
+
+    from django.core import signing
+
+    from runs_app.models import Endpoint, EndpointKey
+
+    digest = endpoint_key_hash(credential)
+    endpoint = None
+    if credential.startswith(ENDPOINT_TEST_TOKEN_PREFIX):
+        try:
+            value = signing.TimestampSigner(salt=ENDPOINT_TEST_TOKEN_SALT).unsign(
+                credential.removeprefix(ENDPOINT_TEST_TOKEN_PREFIX), max_age=ENDPOINT_TEST_TOKEN_SECONDS
+            )
+            endpoint_id, user_id = (int(part) for part in value.split("."))
+        except (signing.BadSignature, ValueError):
+            return None
+        endpoint = Endpoint.objects.filter(pk=endpoint_id, name=name, owner_id=user_id).first()
+    else:
+        found = EndpointKey.objects.select_related("endpoint").filter(key_hash=digest).first()
+        if found is not None and found.endpoint.name == name and hmac.compare_digest(found.key_hash, digest):
+            endpoint = found.endpoint
+    if endpoint is None:
+        return None
+    auth = _endpoint_auth_of(endpoint)
+    with _endpoint_auth_lock:
+        _endpoint_auth_cache[(name, digest)] = (time.monotonic() + ENDPOINT_AUTH_CACHE_SECONDS, auth)
+    return auth
+
+
+def _deployment_connections(deployment: Any, flow: EngineFlow) -> dict[str, Any]:
+    """The endpoint owner's connections the flow uses, decrypted, under the names the flow uses."""
+    import dataclasses
+
+    from flows_app.selectors import connection_list_for, connection_map_for_runner
+    from flows_app.services import connection_secrets_for_runner
+
+    owner = deployment.endpoint.owner
+    overrides = dict(deployment.connection_overrides or {})
+    names = _connection_names(flow, deployment.init or {})
+    if "*" in names:
+        names = set(connection_list_for(owner).values_list("name", flat=True))
+    names |= set(overrides)
+    found = connection_map_for_runner(owner, names={overrides.get(n, n) for n in names})
+    served: dict[str, Any] = {}
+    for name in names:
+        source = found.get(overrides.get(name, name))
+        if source is not None:
+            served[name] = dataclasses.replace(connection_secrets_for_runner(source), name=name)
+    return served
+
+
+def deployment_serving(*, deployment_id: int) -> DeploymentServing:
+    """How to serve one deployment: its materialised snapshot, decrypted connections and runner limits."""
+    from flowengine import load_flow
+    from flowengine.runner import Limits
+    from flows_app.services import snapshot_materialize
+    from runs_app.models import Deployment
+
+    deployment = Deployment.objects.select_related("endpoint", "endpoint__owner").get(pk=deployment_id)
+    flow_dir = snapshot_materialize(snapshot_sha=deployment.snapshot_id)
+    flow = load_flow(flow_dir)
+    limits = Limits(
+        memory_mb=int(_setting("STUDIO_RUNNER_MEMORY_MB", 1024)),
+        # A served runner lives for hours: a CPU-seconds budget would kill it sooner or later.
+        cpu_seconds=None,
+        open_files=1024,
+        file_size_mb=1024,
+    )
+    return DeploymentServing(
+        deployment_id=deployment.pk,
+        endpoint=deployment.endpoint.name,
+        name=deployment.name,
+        snapshot=deployment.snapshot_id,
+        flow_name=deployment.flow_name or deployment.endpoint.name,
+        flow_dir=flow_dir,
+        connections=_deployment_connections(deployment, flow),
+        variant=deployment.variant or None,
+        init=dict(deployment.init or {}),
+        environment_variables=dict(deployment.environment_variables or {}),
+        outputs=list(deployment.outputs or []),
+        instance_count=deployment.instance_count,
+        line_timeout=float(_setting("STUDIO_RUNNER_TIMEOUT_SECONDS", 600)),
+        limits=limits,
+    )
+
+
+def endpoint_requests_record(*, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Store scoring requests for monitoring (rows of endpoints deleted meanwhile are dropped)."""
+    from runs_app.models import Deployment, Endpoint, EndpointRequest
+
+    if not rows:
+        return 0
+    endpoints = set(
+        Endpoint.objects.filter(pk__in={r["endpoint_id"] for r in rows}).values_list("pk", flat=True)
+    )
+    deployments = set(
+        Deployment.objects.filter(
+            pk__in={r.get("deployment_id") for r in rows if r.get("deployment_id")}
+        ).values_list("pk", flat=True)
+    )
+    objects = []
+    for row in rows:
+        if row["endpoint_id"] not in endpoints:
+            continue
+        data = dict(row)
+        if data.get("deployment_id") not in deployments:
+            data["deployment_id"] = None
+        objects.append(EndpointRequest(**data))
+    EndpointRequest.objects.bulk_create(objects, batch_size=500)
+    return len(objects)

@@ -41,3 +41,29 @@ run_patterns += [
     path("compare/changes", views.run_compare_changes_view, name="compare_changes"),
     path("archive-selected", views.run_archive_selected_view, name="archive_selected"),
 ]
+
+# The deploy wizard and endpoint pages (the `endpoints` namespace). Scoring itself, /endpoints/<name>/score,
+# is no Django route: runs_app/endpoints_asgi.py serves it.
+endpoint_patterns: list[URLPattern | URLResolver] = [
+    path("deploy/run/<uuid:run_id>/", views.deploy_run, name="deploy_run"),
+    path("deploy/flow/<int:flow_id>/", views.deploy_flow, name="deploy_flow"),
+    path("endpoints-admin/", views.endpoint_list, name="list"),
+    path("endpoints-admin/<slug:name>/", views.endpoint_detail, name="detail"),
+    path("endpoints-admin/<slug:name>/traffic", views.endpoint_traffic, name="traffic"),
+    path("endpoints-admin/<slug:name>/toggle", views.endpoint_toggle, name="toggle"),
+    path("endpoints-admin/<slug:name>/delete", views.endpoint_delete_view, name="delete"),
+    path(
+        "endpoints-admin/<slug:name>/deployments/<slug:deployment>/delete",
+        views.deployment_delete_view,
+        name="deployment_delete",
+    ),
+    path("endpoints-admin/<slug:name>/test", views.endpoint_test, name="test"),
+    path("endpoints-admin/<slug:name>/consume", views.endpoint_consume, name="consume"),
+    path(
+        "endpoints-admin/<slug:name>/keys/<str:slot>/regenerate",
+        views.endpoint_key_regenerate_view,
+        name="regenerate",
+    ),
+    path("endpoints-admin/<slug:name>/monitoring", views.endpoint_monitoring_view, name="monitoring"),
+]
+urlpatterns += [path("", include((endpoint_patterns, "endpoints")))]

@@ -533,3 +533,251 @@ def run_archive_selected_view(request: HttpRequest) -> HttpResponse:
     if skipped:
         messages.warning(request, f"{skipped} run{'s' if skipped != 1 else ''} left as they were: not yours.")
     return HttpResponseClientRefresh() if request.htmx else redirect(reverse("runs:list"))
+
+
+# --- deploy wizard and endpoint pages ------------------------------------------------------------------------
+
+DEPLOY = "runs_app/endpoints/deploy.html"
+ENDPOINT_LIST = "runs_app/endpoints/list.html"
+ENDPOINT_DEPLOYMENTS = "runs_app/endpoints/deployments.html"
+ENDPOINT_TEST = "runs_app/endpoints/test.html"
+ENDPOINT_CONSUME = "runs_app/endpoints/consume.html"
+ENDPOINT_MONITORING = "runs_app/endpoints/monitoring.html"
+
+
+def _deploy_form(request: HttpRequest, source: Mapping[str, Any]) -> Any:
+    from flows_app.selectors import connection_list_for
+    from runs_app.forms import DeployForm
+
+    available = sorted(set(connection_list_for(request.user).values_list("name", flat=True)))
+    return DeployForm(
+        request.POST if request.method == "POST" else None,
+        endpoints=[e.name for e in selectors.endpoint_list_for(request.user)],
+        outputs=[o.name for o in source["interface"].outputs if not o.evaluation_only],
+        connections_used=source["connections_used"],
+        connections_available=available,
+        chosen_endpoint=request.GET.get("endpoint", ""),
+    )
+
+
+def _deploy(request: HttpRequest, *, run: Any = None, flow_version: Any = None) -> HttpResponse:
+    """The wizard for a run or a flow version; a created deployment shows its endpoint's keys, once."""
+    context: dict[str, Any] = {"run": run, "flow_version": flow_version}
+    try:
+        source = services.deployment_source(run=run, flow_version=flow_version)
+    except services.EndpointError as error:
+        return render(request, DEPLOY, {**context, "source_error": str(error)}, status=422)
+    form = _deploy_form(request, source)
+    if request.method == "POST" and form.is_valid():
+        try:
+            deployment, keys = services.deployment_create(
+                user=request.user, run=run, flow_version=flow_version, **form.service_kwargs()
+            )
+        except services.EndpointError as error:
+            form.add_error(form.error_field(error.field), str(error))
+        else:
+            endpoint = selectors.endpoint_get_for(request.user, deployment.endpoint.name)
+            messages.success(request, f"Deployed “{deployment.name}” to endpoint “{endpoint.name}”.")
+            revealed = {"primary": keys.primary, "secondary": keys.secondary} if keys else {}
+            return _consume_page(request, endpoint, revealed=revealed, status=201)
+    context.update(form=form, source=source, interface=source["interface"])
+    return render(request, DEPLOY, context, status=422 if form.is_bound and form.errors else 200)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def deploy_run(request: HttpRequest, run_id: UUID) -> HttpResponse:
+    """Deploy a run's snapshot (with its variant, init and environment) to a new or existing endpoint."""
+    return _deploy(request, run=selectors.run_get_for(request.user, run_id))
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def deploy_flow(request: HttpRequest, flow_id: int) -> HttpResponse:
+    """Deploy a flow's head version (or `?version=N`) to a new or existing endpoint."""
+    from flows_app.selectors import flow_version_get_for
+
+    number = _int(request.GET.get("version"), 0) or None
+    return _deploy(request, flow_version=flow_version_get_for(request.user, flow_id, number))
+
+
+def _endpoint_page(
+    request: HttpRequest, endpoint: Any, template: str, tab: str, *, status: int = 200, **extra: Any
+) -> HttpResponse:
+    """One tab of an endpoint page: header, tabs, the scoring URL and the tab's own context."""
+    context = {
+        "endpoint": endpoint,
+        "deployments": list(endpoint.deployments.all()),
+        "keys": selectors.endpoint_keys_of(endpoint),
+        "scoring_url": request.build_absolute_uri(f"/endpoints/{endpoint.name}/score"),
+        "tab": tab,
+        **extra,
+    }
+    return render(request, template, context, status=status)
+
+
+@login_required
+@require_GET
+def endpoint_list(request: HttpRequest) -> HttpResponse:
+    """The user's endpoints with their deployments and traffic."""
+    return render(request, ENDPOINT_LIST, {"endpoints": selectors.endpoint_list_for(request.user)})
+
+
+@login_required
+@require_GET
+def endpoint_detail(request: HttpRequest, name: str) -> HttpResponse:
+    """Deployments tab: what each deployment serves and the editable blue/green traffic split."""
+    from runs_app.forms import TrafficForm
+
+    endpoint = selectors.endpoint_get_for(request.user, name)
+    form = TrafficForm(deployments=list(endpoint.deployments.all()))
+    return _endpoint_page(request, endpoint, ENDPOINT_DEPLOYMENTS, "deployments", traffic_form=form)
+
+
+@login_required
+@require_POST
+def endpoint_traffic(request: HttpRequest, name: str) -> HttpResponse:
+    """Save the traffic split; htmx gets the deployments fragment back (422 with the error)."""
+    from runs_app.forms import TrafficForm
+
+    endpoint = selectors.endpoint_get_for(request.user, name)
+    form = TrafficForm(request.POST, deployments=list(endpoint.deployments.all()))
+    if form.is_valid():
+        try:
+            services.endpoint_update(user=request.user, endpoint=endpoint, traffic=form.traffic())
+        except services.EndpointError as error:
+            form.add_error(None, str(error))
+        else:
+            messages.success(request, "Traffic split saved.")
+            return _go(request, reverse("endpoints:detail", args=[name]))
+    template = f"{ENDPOINT_DEPLOYMENTS}#traffic" if request.htmx else ENDPOINT_DEPLOYMENTS
+    return _endpoint_page(request, endpoint, template, "deployments", traffic_form=form, status=422)
+
+
+@login_required
+@require_POST
+def endpoint_toggle(request: HttpRequest, name: str) -> HttpResponse:
+    """Disable the endpoint (callers get 403) or enable it again."""
+    endpoint = selectors.endpoint_get_for(request.user, name)
+    disabled = request.POST.get("disabled", "1") == "1"
+    services.endpoint_update(user=request.user, endpoint=endpoint, disabled=disabled)
+    messages.success(request, f"Endpoint “{name}” {'disabled' if disabled else 'enabled'}.")
+    return _go(request, reverse("endpoints:detail", args=[name]))
+
+
+@login_required
+@require_POST
+def endpoint_delete_view(request: HttpRequest, name: str) -> HttpResponse:
+    """Delete the endpoint with its deployments; its keys stop working."""
+    services.endpoint_delete(user=request.user, endpoint=selectors.endpoint_get_for(request.user, name))
+    messages.success(request, f"Endpoint “{name}” deleted.")
+    return _go(request, reverse("endpoints:list"))
+
+
+@login_required
+@require_POST
+def deployment_delete_view(request: HttpRequest, name: str, deployment: str) -> HttpResponse:
+    """Delete a deployment without traffic."""
+    try:
+        services.deployment_delete(
+            user=request.user, deployment=selectors.deployment_get_for(request.user, name, deployment)
+        )
+    except services.EndpointError as error:
+        messages.error(request, str(error))
+    else:
+        messages.success(request, f"Deployment “{deployment}” deleted.")
+    return _go(request, reverse("endpoints:detail", args=[name]))
+
+
+def _served_interface(endpoint: Any) -> tuple[Any, dict[str, Any]]:
+    """The interface of the deployment with the most traffic, and sample inputs for it."""
+    shown = max(endpoint.deployments.all(), key=lambda d: d.traffic, default=None)
+    if shown is None:
+        return None, {}
+    interface = selectors.deployment_interface(shown)
+    first = interface.sample[0] if isinstance(interface.sample, list) and interface.sample else {}
+    first = first if isinstance(first, Mapping) else {}
+    sample = {i.name: first.get(i.name, i.default if i.default is not None else "") for i in interface.inputs}
+    return interface, sample
+
+
+@login_required
+@require_GET
+def endpoint_test(request: HttpRequest, name: str) -> HttpResponse:
+    """Test tab: a form (or a chat, for chat flows) that calls the real endpoint and shows the stream."""
+    endpoint = selectors.endpoint_get_for(request.user, name)
+    interface, sample = _served_interface(endpoint)
+    inputs = interface.inputs if interface else ()
+    outputs = interface.outputs if interface else ()
+    return _endpoint_page(
+        request,
+        endpoint,
+        ENDPOINT_TEST,
+        "test",
+        interface=interface,
+        chat_input=next((i.name for i in inputs if i.is_chat_input), ""),
+        chat_history=next((i.name for i in inputs if i.is_chat_history), ""),
+        chat_output=next((o.name for o in outputs if o.is_chat_output), ""),
+        sample_json=json.dumps(sample, indent=2, ensure_ascii=False),
+        test_token=services.endpoint_test_token(user=request.user, endpoint=endpoint),
+    )
+
+
+def _consume_page(
+    request: HttpRequest, endpoint: Any, *, revealed: Mapping[str, str], status: int = 200
+) -> HttpResponse:
+    """The Consume tab; `revealed` holds keys shown this once (just created or regenerated)."""
+    _, sample = _served_interface(endpoint)
+    compact = json.dumps(sample, ensure_ascii=False)
+    return _endpoint_page(
+        request,
+        endpoint,
+        ENDPOINT_CONSUME,
+        "consume",
+        status=status,
+        revealed=revealed,
+        sample_compact=compact,
+        sample_shell=compact.replace("'", "'\\''"),
+        sample_python=repr(sample),
+    )
+
+
+@login_required
+@require_GET
+def endpoint_consume(request: HttpRequest, name: str) -> HttpResponse:
+    """Consume tab: the URL, the keys (prefixes only; regenerate to see one) and code snippets."""
+    return _consume_page(request, selectors.endpoint_get_for(request.user, name), revealed={})
+
+
+@login_required
+@require_POST
+def endpoint_key_regenerate_view(request: HttpRequest, name: str, slot: str) -> HttpResponse:
+    """Replace one key and show the new one this once; the old key fails from the next request."""
+    endpoint = selectors.endpoint_get_for(request.user, name)
+    try:
+        key = services.endpoint_key_regenerate(user=request.user, endpoint=endpoint, slot=slot)
+    except services.EndpointError as error:
+        raise Http404(str(error)) from None
+    messages.success(request, f"The {slot} key was regenerated: the old one no longer works.")
+    return _consume_page(request, selectors.endpoint_get_for(request.user, name), revealed={slot: key})
+
+
+@login_required
+@require_GET
+def endpoint_monitoring_view(request: HttpRequest, name: str) -> HttpResponse:
+    """Monitoring tab: requests, errors, p50 / p95 latency and tokens over time; htmx gets the panel."""
+    endpoint = selectors.endpoint_get_for(request.user, name)
+    report = selectors.endpoint_monitoring(endpoint, window=request.GET.get("window", "24h"))
+    chart = {
+        "labels": [b["start"].isoformat() for b in report["series"]],
+        "requests": [b["requests"] for b in report["series"]],
+        "errors": [b["errors"] for b in report["series"]],
+        "p50": [b["p50"] for b in report["series"]],
+        "p95": [b["p95"] for b in report["series"]],
+        "tokens": [b["tokens"] for b in report["series"]],
+    }
+    template = f"{ENDPOINT_MONITORING}#panel" if request.htmx else ENDPOINT_MONITORING
+    windows = list(selectors.ENDPOINT_MONITOR_WINDOWS)
+    return _endpoint_page(
+        request, endpoint, template, "monitoring", report=report, chart=chart, windows=windows
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from studio.env import env_bool, env_int, env_list, env_str
+from studio.env import env_bool, env_int, env_json, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("STUDIO_DATA_DIR", str(BASE_DIR / "data"))).resolve()
@@ -233,3 +233,7 @@ LOGGING = {
 STUDIO_ZIP_MAX_BYTES = env_int("STUDIO_ZIP_MAX_BYTES", 50 * 1024 * 1024, minimum=1024)
 STUDIO_ZIP_MAX_FILES = env_int("STUDIO_ZIP_MAX_FILES", 5000, minimum=1)
 STUDIO_ZIP_MAX_RATIO = env_int("STUDIO_ZIP_MAX_RATIO", 100, minimum=1)
+
+# Prices per million tokens by model, for the cost columns of run comparisons:
+# {"gpt-4o-mini": {"input": 0.15, "output": 0.6}}. Without a price, comparisons show tokens only.
+STUDIO_MODEL_PRICES = env_json("STUDIO_MODEL_PRICES", {})

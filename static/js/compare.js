@@ -134,6 +134,24 @@
     }
   });
 
+  /* Links outside the swapped rows (exports, "Make baseline") follow the state htmx pushed into the URL. */
+  function refreshStateLinks() {
+    var params = new URLSearchParams(window.location.search);
+    if (!params.get("runs")) return;
+    params.delete("part");
+    document.querySelectorAll("a[data-export]").forEach(function (link) {
+      link.href = link.pathname + "?" + params.toString();
+    });
+    document.querySelectorAll("a[data-make-baseline]").forEach(function (link) {
+      var own = new URLSearchParams(params);
+      own.set("baseline", link.dataset.makeBaseline);
+      ["page", "x", "y"].forEach(function (key) { own.delete(key); });
+      link.href = "?" + own.toString();
+    });
+  }
+
+  document.addEventListener("htmx:pushedIntoHistory", refreshStateLinks);
+
   function init() {
     document.querySelectorAll("input[data-select-run]:checked").forEach(function (box) { ticked.add(box.value); });
     syncSelection();

@@ -70,11 +70,15 @@ def test_three_runs_compare_by_line_with_baseline_deltas_and_a_reproducible_url(
     # The baseline's deltas in the metrics table are the differences of the runs' metrics.
     accuracy = page.locator("tr[data-metric=accuracy]")
     expected = runs["e1"]["metrics"]["accuracy"] - runs["e0"]["metrics"]["accuracy"]
-    shown = float(accuracy.locator(f"td[data-run='{runs['v1']['id']}'] [data-delta]").get_attribute("data-delta"))
+    shown = float(
+        accuracy.locator(f"td[data-run='{runs['v1']['id']}'] [data-delta]").get_attribute("data-delta")
+    )
     assert shown == pytest.approx(expected)
     length = page.locator("tr[data-metric=mean_length]")
     expected = runs["v1"]["metrics"]["mean_length"] - runs["v0"]["metrics"]["mean_length"]
-    shown = float(length.locator(f"td[data-run='{runs['v1']['id']}'] [data-delta]").get_attribute("data-delta"))
+    shown = float(
+        length.locator(f"td[data-run='{runs['v1']['id']}'] [data-delta]").get_attribute("data-delta")
+    )
     assert shown == pytest.approx(expected)
 
     # "Different" keeps exactly the lines whose outputs differ, and the mode counts agree.
@@ -89,7 +93,9 @@ def test_three_runs_compare_by_line_with_baseline_deltas_and_a_reproducible_url(
 
     # The charts draw from the json_script data.
     page.wait_for_selector("#chart-histogram")
-    page.wait_for_function("window.Chart && Chart.getChart(document.getElementById('chart-histogram')) !== undefined")
+    page.wait_for_function(
+        "window.Chart && Chart.getChart(document.getElementById('chart-histogram')) !== undefined"
+    )
 
     # The URL reopens the same view.
     url = page.url

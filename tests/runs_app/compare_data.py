@@ -242,6 +242,7 @@ def build_comparison(owner: Any, *, lines: int = 40, prefix: str = "cmp") -> Com
                 flow_version=evaluator.head,
                 column_mapping={"answer": "${run.outputs.answer}", "n": "${data.n}"},
                 name=f"{prefix}_eval_{variant}",
+                tags={"experiment": prefix},
             )
             numbers = [i for i in range(lines) if output_of(variant, i) is not None]
             _bulk_lines(

@@ -63,8 +63,14 @@ def test_rows_join_outputs_and_scores_of_each_run_by_line(owner, runs):
 
     assert row["inputs"] == [("question", "question 10"), ("n", "10")]
     base, other = row["cells"]
-    assert [o["text"] for o in base["outputs"]] == [output_of(0, 10)["answer"], str(output_of(0, 10)["length"])]
-    assert [o["text"] for o in other["outputs"]] == [output_of(1, 10)["answer"], str(output_of(1, 10)["length"])]
+    assert [o["text"] for o in base["outputs"]] == [
+        output_of(0, 10)["answer"],
+        str(output_of(0, 10)["length"]),
+    ]
+    assert [o["text"] for o in other["outputs"]] == [
+        output_of(1, 10)["answer"],
+        str(output_of(1, 10)["length"]),
+    ]
     assert base["scores"][0]["text"] == str(score_of(0, 10))
     assert other["scores"][0]["text"] == str(score_of(1, 10))
     # Line 10 of variant 1 is a changed answer: a word diff against the baseline and a worse score.

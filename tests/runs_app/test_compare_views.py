@@ -82,7 +82,9 @@ def test_htmx_parts_are_fragments(owner, runs, part):
 
 
 def test_chart_data_is_passed_as_json_script(owner, runs):
-    response = _client(owner).get(reverse("runs:compare"), _query(runs, part="charts", num="score:score"), **HTMX)
+    response = _client(owner).get(
+        reverse("runs:compare"), _query(runs, part="charts", num="score:score"), **HTMX
+    )
 
     html = response.content.decode()
     data = json.loads(html.split('id="compare-chart-data" type="application/json">')[1].split("</script>")[0])
@@ -103,7 +105,10 @@ def test_outsider_gets_404_when_any_run_of_the_set_is_not_theirs(owner, outsider
 
     assert _client(outsider).get(reverse("runs:compare"), query).status_code == 404
     assert _client(outsider).get(reverse("runs:compare_csv"), query).status_code == 404
-    assert _client(outsider).get(reverse("runs:compare"), {"runs": f"{mine.v0.pk},{mine.v1.pk}"}).status_code == 200
+    assert (
+        _client(outsider).get(reverse("runs:compare"), {"runs": f"{mine.v0.pk},{mine.v1.pk}"}).status_code
+        == 200
+    )
 
 
 def test_teammate_compares_runs_of_a_flow_shared_with_the_team(owner, teammate, runs):
@@ -117,7 +122,9 @@ def test_teammate_compares_runs_of_a_flow_shared_with_the_team(owner, teammate, 
     assert _client(teammate).get(reverse("runs:compare"), _query(runs)).status_code == 200
 
 
-@pytest.mark.parametrize("name", ["runs:compare", "runs:compare_csv", "runs:compare_json", "runs:compare_changes"])
+@pytest.mark.parametrize(
+    "name", ["runs:compare", "runs:compare_csv", "runs:compare_json", "runs:compare_changes"]
+)
 def test_anonymous_is_sent_to_login(runs, name):
     response = _client().get(reverse(name), _query(runs))
 
@@ -141,7 +148,11 @@ def _independent_join(runs, numbers=None) -> pd.DataFrame:
     keys.update({runs.e0.pk: ["score", "grade"], runs.e1.pk: ["score", "grade"]})
     inputs = pd.DataFrame(
         [
-            {"line_number": line.line_number, "inputs.question": line.inputs["question"], "inputs.n": _cell(line.inputs["n"])}
+            {
+                "line_number": line.line_number,
+                "inputs.question": line.inputs["question"],
+                "inputs.n": _cell(line.inputs["n"]),
+            }
             for line in LineResult.objects.filter(run=runs.v0)
         ]
     )
@@ -202,7 +213,9 @@ def test_json_export_is_an_array_of_the_same_rows(owner, runs):
 
 def test_what_changed_shows_file_and_dag_diffs_between_two_runs_snapshots(owner, runs):
     flow = runs.v0.flow
-    version = flow_save(flow=flow, user=owner, files=answer_files(suffix="!"), message="louder", based_on=flow.head.number)
+    version = flow_save(
+        flow=flow, user=owner, files=answer_files(suffix="!"), message="louder", based_on=flow.head.number
+    )
     newer = run_create(
         user=owner,
         flow_version=version,
@@ -220,7 +233,9 @@ def test_what_changed_shows_file_and_dag_diffs_between_two_runs_snapshots(owner,
 
 
 def test_what_changed_between_two_variants_names_the_variant(owner, runs):
-    response = _client(owner).get(reverse("runs:compare_changes"), {"a": str(runs.v0.pk), "b": str(runs.v1.pk)})
+    response = _client(owner).get(
+        reverse("runs:compare_changes"), {"a": str(runs.v0.pk), "b": str(runs.v1.pk)}
+    )
 
     html = response.content.decode()
     assert "data-same-snapshot" in html
@@ -228,7 +243,9 @@ def test_what_changed_between_two_variants_names_the_variant(owner, runs):
 
 
 def test_outsider_gets_404_for_what_changed(outsider, runs):
-    response = _client(outsider).get(reverse("runs:compare_changes"), {"a": str(runs.v0.pk), "b": str(runs.v1.pk)})
+    response = _client(outsider).get(
+        reverse("runs:compare_changes"), {"a": str(runs.v0.pk), "b": str(runs.v1.pk)}
+    )
 
     assert response.status_code == 404
 
@@ -265,7 +282,10 @@ def test_archiving_a_selection_archives_only_the_users_runs(owner, outsider, run
 
     assert response.status_code == 200
     assert set(Run.objects.filter(archived=True).values_list("pk", flat=True)) == {runs.v0.pk, runs.v1.pk}
-    assert _client(owner).post(reverse("runs:archive_selected"), {"runs": [str(theirs.v0.pk)]}).status_code == 404
+    assert (
+        _client(owner).post(reverse("runs:archive_selected"), {"runs": [str(theirs.v0.pk)]}).status_code
+        == 404
+    )
     assert not Run.objects.get(pk=theirs.v0.pk).archived
 
 
