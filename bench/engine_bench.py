@@ -150,7 +150,7 @@ class FakeLLM:
 class LLMPhase:
     """Polls the fake LLM during a batch: when the first call arrived and when the last one ended."""
 
-    def __init__(self, fake: FakeLLM, expected: int, interval: float = 0.02) -> None:
+    def __init__(self, fake: FakeLLM, expected: int, interval: float = 0.05) -> None:
         self.fake, self.expected, self.interval = fake, expected, interval
         self.first: float | None = None
         self.last: float | None = None
@@ -982,7 +982,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if previous is not None:
             raw["machine"]["python_peer"] = previous["machine"].get("python_peer")
             raw["machine"]["peer"] = previous["machine"].get("peer", {})
-            raw["peer_reused"] = previous["machine"]["date"]
+            raw["peer_reused"] = previous.get("peer_reused") or previous["machine"]["date"]
         reps_batch = min(args.reps, 3)
         if "a" in only:
             raw["a"] = measure_flow_test(ours, peer, fake, flows, args.reps, args.peer_reps)

@@ -609,8 +609,28 @@ def cmd_run_show_metrics(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree of every command."""
+# Commands that the serving and studio-client modules neither add nor change. Parsing one of them skips
+# those modules, whose imports (an HTTP client among them) would otherwise weigh on every `flow test`.
+_PLAIN_COMMANDS = {
+    ("flow", "init"),
+    ("flow", "validate"),
+    ("flow", "test"),
+    ("connection", "create"),
+    ("connection", "list"),
+    ("connection", "show"),
+    ("connection", "delete"),
+}
+
+
+def _needs_extras(argv: Sequence[str]) -> bool:
+    """Whether parsing `argv` needs the commands added by the serving and studio-client modules."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        return True
+    return tuple(argv[:2]) not in _PLAIN_COMMANDS
+
+
+def build_parser(*, extras: bool = True) -> argparse.ArgumentParser:
+    """The argparse tree of every command (without `extras`, only the commands cli.py itself defines)."""
     parser = argparse.ArgumentParser(
         prog="flowstudio",
         description="Author, test and run prompt-flow style flows.",
@@ -648,9 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_flow_test)
 
-    from flowengine.serving import add_serve_parser
+    if extras:
+        from flowengine.serving import add_serve_parser
 
-    add_serve_parser(flow)
+        add_serve_parser(flow)
 
     conn = groups.add_parser("connection", help="manage local connections").add_subparsers(dest="command")
     conn.required = True
@@ -703,15 +724,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", "-n", required=True)
     p.set_defaults(func=cmd_run_show_metrics)
 
-    from flowengine.cli_server import add_server_commands
+    if extras:
+        from flowengine.cli_server import add_server_commands
 
-    add_server_commands(groups, flow, run)
+        add_server_commands(groups, flow, run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flowstudio` console script."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(extras=_needs_extras(argv))
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -106,15 +106,17 @@ def _shown(value: Any) -> str:
 
 def apply_gates(gates: Sequence[Gate], metrics: Mapping[str, Any], *, note: str = "") -> int:
     """Report each gate on stderr; 1 when any fails, else 0."""
-    failures = [reason for gate in gates if (reason := gate.check(metrics)) is not None]
+    failed = False
     for gate in gates:
-        if gate.check(metrics) is None:
-            _err(f"gate passed: not ({gate.text})")
-    for reason in failures:
-        _err(f"gate failed: {reason}")
-    if failures and note:
+        reason = gate.check(metrics)
+        if reason is None:
+            _err(f"gate passed: {gate.name} = {_shown(metrics[gate.name])} (fails if {gate.text})")
+        else:
+            failed = True
+            _err(f"gate failed: {reason}")
+    if failed and note:
         _err(note)
-    return 1 if failures else 0
+    return 1 if failed else 0
 
 
 # -- show-details rendering ------------------------------------------------------------------------------
@@ -617,13 +619,35 @@ def local_show_metrics(original: Handler) -> Handler:
 
 
 def server_deploy(args: argparse.Namespace, client: Any) -> int:
-    """Deploy the snapshot a run ran to an online endpoint (created when missing)."""
+    """Deploy the snapshot a run ran to an online endpoint (created when missing); prints the answer.
+
+    A new endpoint's keys are in the answer this once: with --keys-file they go to that file (mode 0600)
+    instead of stdout, so that CI logs never hold them.
+    """
     answer = client.deploy(run=args.run, endpoint=args.endpoint, deployment=args.deployment)
+    keys = answer.get("keys")
+    if keys and args.keys_file:
+        target = Path(args.keys_file)
+        target.touch(mode=0o600)
+        target.chmod(0o600)
+        target.write_text(json.dumps(keys, indent=2) + "\n", encoding="utf-8")
+        answer = {**answer, "keys": f"written to {target}"}
+    deployment = (answer.get("deployment") or {}).get("name", args.deployment)
+    if args.all_traffic:
+        answer = {**answer, "endpoint": client.endpoint_traffic(args.endpoint, {deployment: 100})}
     _print_json(answer)
-    score = answer.get("scoring_url") or f"{client.config.server}/endpoints/{args.endpoint}/score"
-    _err(f"Deployed run '{args.run}' to endpoint '{args.endpoint}': POST {score}")
-    if answer.get("key"):
-        _err("The endpoint's key is shown only now: keep it in your secret store.")
+    endpoint = answer.get("endpoint") or {}
+    score = endpoint.get("scoring_uri") or f"{client.config.server}/endpoints/{args.endpoint}/score"
+    _err(
+        f"Deployed run '{args.run}' as deployment '{deployment}' of endpoint '{args.endpoint}': POST {score}"
+    )
+    traffic = endpoint.get("traffic") or {}
+    if traffic and not traffic.get(deployment):
+        _err(f"note: deployment '{deployment}' gets no traffic yet ({traffic}); shift it in the studio")
+    if keys and not args.keys_file:
+        _err(
+            "The endpoint's keys are in the output above and are shown only now: keep them in a secret store."
+        )
     return 0
 
 
@@ -701,7 +725,11 @@ def add_server_commands(groups: Any, flow: Any, run: Any) -> None:
     p = groups.add_parser("deploy", help="deploy a studio run's flow snapshot to an online endpoint")
     p.add_argument("--run", required=True, help="the run whose snapshot to serve")
     p.add_argument("--endpoint", required=True, help="the endpoint's name (created when missing)")
-    p.add_argument("--deployment", help="the deployment's name (default: chosen by the studio)")
+    p.add_argument("--deployment", help="the deployment's name (default: the studio's, 'blue')")
+    p.add_argument(
+        "--all-traffic", action="store_true", help="send all of the endpoint's traffic to this deployment"
+    )
+    p.add_argument("--keys-file", help="write a new endpoint's keys to this file (mode 0600), not stdout")
     _server_arg(p)
     p.set_defaults(func=server_only("deploy", server_deploy))
     groups.metavar = "{flow,connection,run,deploy}"

@@ -149,6 +149,8 @@ class StudioClient:
                 status=status,
                 body=body,
             )
+        if status == 404 and message in ("Not Found", "Not Found."):
+            message = f"not found: {method} {url} (it does not exist, or it is not shared with you)"
         raise StudioError(message, status=status, body=body)
 
     def get_json(self, path: str, **params: Any) -> Any:
@@ -172,7 +174,7 @@ class StudioClient:
 
     def compare_url(self, names: list[str]) -> str:
         """The studio's side-by-side comparison of runs."""
-        return f"{self.config.server}/runs/compare?" + httpx.QueryParams({"runs": ",".join(names)}).__str__()
+        return f"{self.config.server}/runs/compare?" + str(httpx.QueryParams({"runs": ",".join(names)}))
 
     # -- account -----------------------------------------------------------------------------------------
 
@@ -258,9 +260,13 @@ class StudioClient:
     # -- deployments ---------------------------------------------------------------------------------------
 
     def deploy(self, *, run: str, endpoint: str, deployment: str | None) -> dict[str, Any]:
-        """Deploy the snapshot a run ran to an endpoint (created when missing)."""
-        payload = _clean({"run": run, "endpoint": endpoint, "name": deployment})
+        """Deploy the snapshot a run ran to an endpoint (created when missing, with keys shown this once)."""
+        payload = _clean({"run": run, "endpoint": endpoint, "deployment": deployment})
         return self.post_json("/deployments", payload)
+
+    def endpoint_traffic(self, endpoint: str, traffic: Mapping[str, int]) -> dict[str, Any]:
+        """Set an endpoint's traffic split; deployments left out get 0%."""
+        return self.request("PATCH", f"/endpoints/{_seg(endpoint)}", json={"traffic": dict(traffic)}).json()
 
 
 def _clean(params: Mapping[str, Any]) -> dict[str, Any]:

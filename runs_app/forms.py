@@ -615,15 +615,14 @@ class DeployForm(forms.Form):
         self.fields["endpoint"].choices = [("", "— choose —"), *((e, e) for e in endpoints)]
         self.fields["outputs"].choices = [(o, o) for o in outputs]
         self.has_endpoints = bool(endpoints)
-        choices = [("", "— none of mine —"), *((c, c) for c in connections_available)]
+        choices = [("", "— choose one of your connections —"), *((c, c) for c in connections_available)]
         for name in connections_used:
-            field = forms.ChoiceField(
+            self.fields[f"conn__{name}"] = forms.ChoiceField(
                 label=name,
-                required=False,
                 choices=choices,
                 initial=name if name in connections_available else "",
+                error_messages={"required": f"Pick the connection that serves '{name}'."},
             )
-            self.fields[f"conn__{name}"] = field
 
     def clean(self) -> dict[str, Any]:
         """The endpoint name comes from the field of the chosen mode."""

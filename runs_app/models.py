@@ -108,6 +108,9 @@ class Run(models.Model):
     metrics = models.JSONField(default=dict, blank=True)
     error = models.JSONField(null=True, blank=True)
     archived = models.BooleanField(default=False)
+    # Evaluation runs the submit wizard asked for, started once this run completes:
+    # [{"flow_version": <FlowVersion id>, "column_mapping": {...}}, ...]
+    pending_evaluations = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

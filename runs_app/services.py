@@ -523,6 +523,92 @@ def run_create(
     return run
 
 
+@transaction.atomic
+def run_submit(
+    *,
+    user: AbstractBaseUser,
+    flow_version: FlowVersion,
+    dataset: Dataset | None = None,
+    column_mapping: Mapping[str, Any] | None = None,
+    variants: Sequence[str] = (),
+    base_run: Run | None = None,
+    name: str | None = None,
+    connections: Mapping[str, Any] | None = None,
+    concurrency: int | None = None,
+    line_timeout: int | None = None,
+    tags: Mapping[str, Any] | None = None,
+    description: str = "",
+    evaluations: Sequence[Mapping[str, Any]] = (),
+) -> list[Run]:
+    """The submit wizard: one run per variant (or one run), each evaluated by `evaluations` once it completes.
+
+    `evaluations` items are {"flow_version": FlowVersion, "column_mapping": {...}}; each becomes an evaluation
+    run over its batch run (and the same dataset) as soon as that run is Completed. All or nothing.
+    """
+    from flows_app.selectors import flow_version_get_for
+
+    pending = []
+    for evaluation in evaluations:
+        version = evaluation["flow_version"]
+        # Only flows the submitter can see may evaluate; the check is repeated when the evaluation starts.
+        flow_version_get_for(user, version.flow_id, version.number)
+        pending.append(
+            {"flow_version": version.pk, "column_mapping": dict(evaluation.get("column_mapping") or {})}
+        )
+    runs = []
+    for index, variant in enumerate(list(variants) or [None]):
+        run = run_create(
+            user=user,
+            flow_version=flow_version,
+            dataset=dataset,
+            column_mapping=column_mapping,
+            variant=variant,
+            base_run=base_run,
+            name=(f"{name}_{index}" if name and len(variants) > 1 else name),
+            connections=connections,
+            concurrency=concurrency,
+            line_timeout=line_timeout,
+            tags=tags,
+            description=description,
+        )
+        if pending:
+            Run.objects.filter(pk=run.pk).update(pending_evaluations=pending)
+            run.pending_evaluations = pending
+        runs.append(run)
+    return runs
+
+
+def _start_pending_evaluations(run: Run) -> None:
+    """Create the evaluation runs the wizard queued behind `run`; a failing one is logged, not raised."""
+    from flows_app.models import FlowVersion
+
+    for item in run.pending_evaluations or []:
+        version = (
+            FlowVersion.objects.select_related("flow", "snapshot").filter(pk=item.get("flow_version")).first()
+        )
+        if version is None:
+            run_log_write(run=run, text="evaluation not started: its flow version no longer exists")
+            continue
+        try:
+            evaluation = run_create(
+                user=run.owner,
+                flow_version=version,
+                base_run=run,
+                dataset=run.dataset,
+                column_mapping=item.get("column_mapping") or {},
+                concurrency=run.concurrency,
+                line_timeout=run.line_timeout,
+                tags=run.tags,
+            )
+        except (RunError, DatasetError) as exc:
+            run_log_write(
+                run=run, text=f"evaluation with {version.flow.name} v{version.number} not started: {exc}"
+            )
+            continue
+        run_log_write(run=run, text=f"evaluation run {evaluation.name} started")
+    Run.objects.filter(pk=run.pk).update(pending_evaluations=[])
+
+
 def _submit_summary(run: Run, reused: int) -> str:
     what = f"evaluation of run {run.base_run.name}" if run.base_run_id else "batch run"
     text = (
@@ -1587,6 +1673,8 @@ def run_aggregate(*, run_id: Any, spec: Any = None) -> None:
         run.refresh_from_db()
         run_log_write(run=run, text=f"run completed: {done - failed} lines completed, {failed} failed")
         streaming.publish_progress(run, force=True)
+        if run.pending_evaluations:
+            _start_pending_evaluations(run)
 
 
 # --- crash recovery -------------------------------------------------------------------------------------------

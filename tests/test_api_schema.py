@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 from django.core.signals import request_started
-from django.db import close_old_connections
 from django.core.wsgi import get_wsgi_application
+from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -68,7 +68,9 @@ def token(owner, wsgi_in_test_transaction, django_capture_on_commit_callbacks) -
     from runs_app.services import dataset_create, run_create
 
     flow = flow_create(owner=owner, name="echo", files={k: v.encode() for k, v in FLOW_FILES.items()})
-    dataset = dataset_create(owner=owner, name="d", filename="d.jsonl", data=b'{"text": "a"}\n{"text": "b"}\n')
+    dataset = dataset_create(
+        owner=owner, name="d", filename="d.jsonl", data=b'{"text": "a"}\n{"text": "b"}\n'
+    )
     # Enqueueing happens on commit; the captured callbacks are dropped so no worker is needed.
     with django_capture_on_commit_callbacks(execute=False):
         run_create(
@@ -85,11 +87,14 @@ def token(owner, wsgi_in_test_transaction, django_capture_on_commit_callbacks) -
 @settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,
+    ],
 )
 def test_api_answers_match_the_schema_and_never_fail_on_the_server(case, token: str) -> None:
     """Generated requests, authenticated: no 5xx, and every answer conforms to the schema."""
     # The schema declares bearer auth, so generated cases may carry an Authorization header of their own.
     case.headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}
     case.call_and_validate(checks=CHECKS)
-

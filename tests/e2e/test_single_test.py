@@ -99,10 +99,16 @@ def _cli_answer(tmp: Path, base_url: str, question: str, history: list) -> str:
 
 def _send_and_watch(page, message: str) -> tuple[str, list[str], list[str]]:
     page.evaluate(WATCH)
+    before = page.locator("#test-status").inner_text()
     box = page.locator("[data-test-message]")
     box.fill(message)
     box.press("Enter")
-    page.wait_for_selector("#test-status[data-status=completed]", timeout=60_000)
+    page.wait_for_function(
+        "before => { const s = document.getElementById('test-status');"
+        " return s.dataset.status === 'completed' && s.textContent !== before; }",
+        arg=before,
+        timeout=60_000,
+    )
     final = page.locator('[data-output="answer"]').inner_text()
     return final, page.evaluate("window.__answers"), page.evaluate("window.__badges")
 
@@ -120,7 +126,8 @@ def test_the_chat_answer_grows_token_by_token_and_equals_the_cli(studio, page, f
     partial = [text for text in answers if text != final]
     assert len(set(partial)) >= 5, answers
     assert all(final.startswith(text) for text in partial), "the answer must only grow"
-    assert badges[:2] == ["running", "completed"] and "ms" in page.locator(".dag-run-badge text").text_content()
+    assert badges[:2] == ["running", "completed"], badges
+    assert re.fullmatch(r"completed · [\d.]+ m?s", page.locator(".dag-run-badge text").text_content())
     assert final == _cli_answer(tmp_path, fake_llm.base_url, "What is a flow?", [])
     bubbles = page.locator("#test-chat-log .chat-bubble")
     assert bubbles.count() == 2 and bubbles.nth(1).inner_text() == final

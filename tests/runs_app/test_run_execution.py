@@ -38,3 +38,35 @@ def test_batch_run_computes_every_line_once_and_aggregates(owner, run_workers):
     assert run.done_lines == 300 and run.failed_lines == 0
     assert RunChunk.objects.filter(run=run).exclude(status=ChunkStatus.DONE).count() == 0
     assert run.started_at is not None and run.finished_at >= run.started_at
+
+
+def test_submit_with_an_evaluation_starts_it_when_the_batch_run_completes(owner, run_workers):
+    from flows_app.services import flow_create
+
+    flow = flow_create(owner=owner, name="square", files=square_files())
+    evaluator = flow_create(owner=owner, name="square-again", files=square_files())
+    dataset = services.dataset_create(
+        owner=owner, name="numbers", filename="numbers.jsonl", data=jsonl([{"x": i} for i in range(20)])
+    )
+    run_workers.start(concurrency=1)
+
+    (run,) = services.run_submit(
+        user=owner,
+        flow_version=flow.head,
+        dataset=dataset,
+        column_mapping={"x": "${data.x}"},
+        evaluations=[{"flow_version": evaluator.head, "column_mapping": {"x": "${run.outputs.y}"}}],
+    )
+
+    evaluation = wait_for(
+        lambda: Run.objects.filter(base_run=run, status=RunStatus.COMPLETED).first(),
+        timeout=90,
+        what="the evaluation run",
+        logs=run_workers.logs,
+    )
+    assert {line.line_number: line.outputs["y"] for line in LineResult.objects.filter(run=evaluation)} == {
+        i: i**4 for i in range(20)
+    }
+    assert evaluation.metrics == {"sum": sum(i**4 for i in range(20)), "lines": 20}
+    run.refresh_from_db()
+    assert run.pending_evaluations == []
