@@ -620,17 +620,23 @@ _PLAIN_COMMANDS = {
     ("connection", "show"),
     ("connection", "delete"),
 }
+_SERVE_COMMAND = ("flow", "serve")
 
 
-def _needs_extras(argv: Sequence[str]) -> bool:
-    """Whether parsing `argv` needs the commands added by the serving and studio-client modules."""
-    if any(arg in ("-h", "--help") for arg in argv):
-        return True
-    return tuple(argv[:2]) not in _PLAIN_COMMANDS
+def _parser_parts(argv: Sequence[str]) -> dict[str, bool]:
+    """Which optional command modules parsing `argv` needs (all of them for help or an unknown command)."""
+    words = tuple(argv[:2])
+    if len(words) < 2 or any(arg in ("-h", "--help") for arg in argv):
+        return {"serving": True, "server": True}
+    if words in _PLAIN_COMMANDS:
+        return {"serving": False, "server": False}
+    if words[:1] == ("run",):
+        return {"serving": False, "server": True}
+    return {"serving": words == _SERVE_COMMAND or words[:1] != ("flow",), "server": words != _SERVE_COMMAND}
 
 
-def build_parser(*, extras: bool = True) -> argparse.ArgumentParser:
-    """The argparse tree of every command (without `extras`, only the commands cli.py itself defines)."""
+def build_parser(*, serving: bool = True, server: bool = True) -> argparse.ArgumentParser:
+    """The argparse tree of every command; `serving` adds `flow serve`, `server` the studio-client commands."""
     parser = argparse.ArgumentParser(
         prog="flowstudio",
         description="Author, test and run prompt-flow style flows.",
@@ -668,7 +674,7 @@ def build_parser(*, extras: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_flow_test)
 
-    if extras:
+    if serving:
         from flowengine.serving import add_serve_parser
 
         add_serve_parser(flow)
@@ -724,7 +730,7 @@ def build_parser(*, extras: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--name", "-n", required=True)
     p.set_defaults(func=cmd_run_show_metrics)
 
-    if extras:
+    if server:
         from flowengine.cli_server import add_server_commands
 
         add_server_commands(groups, flow, run)
@@ -734,7 +740,7 @@ def build_parser(*, extras: bool = True) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flowstudio` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(extras=_needs_extras(argv))
+    parser = build_parser(**_parser_parts(argv))
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -58,6 +58,8 @@ class StudioConfig:
                 f"{TOKEN_ENV} is not set: create a personal access token under Settings in the studio at "
                 f"{server} and export it as {TOKEN_ENV}"
             )
+        if any(char.isspace() for char in token):
+            raise StudioError(f"{TOKEN_ENV} holds whitespace: set it to the token alone (fst_...)")
         if not server.startswith(("http://", "https://")):
             raise StudioError(f"--server {server!r} must be an http:// or https:// URL")
         return cls(server=server.rstrip("/"), token=token)

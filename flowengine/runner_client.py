@@ -48,6 +48,9 @@ class RunnerError(Exception):
         self.error = error
 
 
+_TIMED_OUT = object()  # put into a line's queue when its time is up
+
+
 class _Death:
     """Put into a waiting line's queue when the runner process is gone."""
 
@@ -617,7 +620,12 @@ class RunnerProcess:
         if event_types is not None:
             request["events"] = sorted(set(event_types))
         limit = timeout if timeout is not None else self.line_timeout
-        deadline = None if limit is None else time.monotonic() + limit
+        # One timer per line puts a marker in its queue (cheaper than a wait_for per message).
+        timer = (
+            None
+            if limit is None
+            else asyncio.get_running_loop().call_later(max(0.0, limit), queue.put_nowait, _TIMED_OUT)
+        )
         completed = False
         try:
             try:
@@ -625,12 +633,8 @@ class RunnerProcess:
             except (ConnectionError, OSError):
                 pass  # the reader reports the death to this line's queue
             while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                try:
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError
-                    msg = await asyncio.wait_for(queue.get(), remaining)
-                except TimeoutError:
+                msg = await queue.get()
+                if msg is _TIMED_OUT:
                     completed = True
                     await self._line_timed_out(rid, line_number)
                     msg_text = f"Line {line_number} execution timeout for exceeding {limit:g} seconds"
@@ -654,6 +658,8 @@ class RunnerProcess:
                     completed = True
                 yield ev
         finally:
+            if timer is not None:
+                timer.cancel()
             if not completed:
                 # The caller stopped listening early: stop the line in the runner too.
                 self._abandoned.add(rid)

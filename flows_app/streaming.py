@@ -212,12 +212,20 @@ def _span_summary(span: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def trace_tree(spans: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def trace_tree(
+    spans: list[Mapping[str, Any]], line_usage: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """The spans as a tree (flow → nodes → LLM calls and traced functions), children in start order, each
-    with its duration, token counts and its inputs and output as readable text."""
+    with its duration, token counts and its inputs and output as readable text.
+
+    `line_usage` is the whole line's token count: the root flow span shows it when it has none of its own
+    (a streamed LLM call's span ends when its stream is handed on, before its tokens are counted).
+    """
     nodes: dict[str, dict[str, Any]] = {}
     for span in sorted(spans, key=lambda s: float(s.get("start") or 0)):
         usage = span.get("usage") or {}
+        if not usage and span.get("kind") == "flow" and not span.get("parent_id"):
+            usage = line_usage or {}
         nodes[str(span.get("span_id"))] = {
             "id": str(span.get("span_id")),
             "parent_id": span.get("parent_id"),
@@ -239,11 +247,10 @@ def trace_tree(spans: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return roots
 
 
-def render_trace(spans: list[Mapping[str, Any]]) -> str:
+def render_trace(spans: list[Mapping[str, Any]], line_usage: Mapping[str, Any] | None = None) -> str:
     """The trace tree fragment."""
-    return render_to_string(
-        f"{TEMPLATES}/_trace.html", {"roots": trace_tree(list(spans)), "count": len(spans)}
-    )
+    roots = trace_tree(list(spans), line_usage)
+    return render_to_string(f"{TEMPLATES}/_trace.html", {"roots": roots, "count": len(spans)})
 
 
 def render_form(form: Mapping[str, Any]) -> str:
@@ -313,7 +320,7 @@ def test_dict(test: FlowTest) -> dict[str, Any]:
 def record_message(user: AbstractBaseUser, flow_id: int, test_id: Any) -> dict[str, Any]:
     """An earlier test for the page to show again, with its trace tree."""
     test = selectors.flowtest_get_for(user, flow_id, test_id)
-    return {"type": MESSAGE_RECORD, "test": test_dict(test), "trace": render_trace(test.trace)}
+    return {"type": MESSAGE_RECORD, "test": test_dict(test), "trace": render_trace(test.trace, test.usage)}
 
 
 def _text(value: Any, limit: int = 300) -> str | None:
@@ -377,6 +384,6 @@ async def test_messages(
         "node_runs": final["node_runs"],
         "usage": final["usage"],
         "duration_ms": final["duration_ms"],
-        "trace": render_trace(final["trace"]),
+        "trace": render_trace(final["trace"], final["usage"]),
         "history": history["history"],
     }

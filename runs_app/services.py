@@ -1789,6 +1789,7 @@ ENDPOINT_TEST_TOKEN_PREFIX = "fset_"
 ENDPOINT_TEST_TOKEN_SALT = "runs_app.endpoint-test-token"
 ENDPOINT_TEST_TOKEN_SECONDS = 900
 ENDPOINT_AUTH_CACHE_SECONDS = 2.0
+ENDPOINT_AUTH_CACHE_SIZE = 1024
 ENDPOINT_MAX_INSTANCES = 8
 ENDPOINT_KEY_SLOTS = ("primary", "secondary")
 
@@ -2279,8 +2280,13 @@ def endpoint_authenticate(*, name: str, credential: str) -> EndpointAuth | None:
     if endpoint is None:
         return None
     auth = _endpoint_auth_of(endpoint)
+    now = time.monotonic()
     with _endpoint_auth_lock:
-        _endpoint_auth_cache[(name, digest)] = (time.monotonic() + ENDPOINT_AUTH_CACHE_SECONDS, auth)
+        if len(_endpoint_auth_cache) >= ENDPOINT_AUTH_CACHE_SIZE:
+            # Every test token is a new credential: forget the checks that have run out.
+            for key in [k for k, (until, _) in _endpoint_auth_cache.items() if until < now]:
+                _endpoint_auth_cache.pop(key, None)
+        _endpoint_auth_cache[(name, digest)] = (now + ENDPOINT_AUTH_CACHE_SECONDS, auth)
     return auth
 
 

@@ -109,6 +109,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
+    # Test databases live in a file so that worker processes started by the tests can open them too.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-studio.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -197,6 +199,15 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_RESULT_EXPIRES = 3600
 CELERY_WORKER_CONCURRENCY = env_int("STUDIO_WORKER_CONCURRENCY", 2, minimum=1)
+# A pool process killed mid-chunk is noticed after this many seconds and its task redelivered.
+CELERY_WORKER_LOST_WAIT = 2.0
+
+# Batch runs: lines in flight per run, and the heartbeat / reaper timings of chunks.
+STUDIO_RUN_CONCURRENCY = env_int("STUDIO_RUN_CONCURRENCY", 32, minimum=1)
+STUDIO_RUN_HEARTBEAT_SECONDS = env_int("STUDIO_RUN_HEARTBEAT_SECONDS", 2, minimum=1)
+STUDIO_RUN_STALE_SECONDS = env_int("STUDIO_RUN_STALE_SECONDS", 30, minimum=2)
+STUDIO_RUN_REQUEUE_SECONDS = env_int("STUDIO_RUN_REQUEUE_SECONDS", 300, minimum=10)
+STUDIO_RUN_REAPER_SECONDS = env_int("STUDIO_RUN_REAPER_SECONDS", 15, minimum=1)
 
 # Runner processes: flow code runs there, never in the web server or a worker.
 STUDIO_RUNNER_MEMORY_MB = env_int("STUDIO_RUNNER_MEMORY_MB", 1024, minimum=64)

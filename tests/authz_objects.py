@@ -9,13 +9,16 @@ kwarg, when it meets a kwarg nobody has mapped yet.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.urls.resolvers import RegexPattern, RoutePattern
@@ -149,7 +152,6 @@ def websocket_routes() -> list[tuple[str, str, tuple[str, ...]]]:
     return found
 
 
-
 def url_for(route: str, values: dict[str, str]) -> str:
     """The path of `route` with its kwargs replaced by `values` (route syntax and admin regexes)."""
 
@@ -206,7 +208,13 @@ def _llm_flow_files(connection_name: str) -> dict[str, bytes]:
 
 
 def build_world(
-    *, owner: Any, outsider: Any, teammate: Any, staff: Any, api_key: str = "sk-owner-not-a-real-key", base_url: str = ""
+    *,
+    owner: Any,
+    outsider: Any,
+    teammate: Any,
+    staff: Any,
+    api_key: str = "sk-owner-not-a-real-key",
+    base_url: str = "",
 ) -> World:
     """One object of every kind owned by `owner`, all named with a unique mark that outsiders must never see."""
     from django.contrib.auth.models import Group
@@ -368,7 +376,9 @@ def _admin_object(world: World, route: str) -> str:
 
     match = re.match(r"django-admin/(\w+)/(\w+)/", route)
     if match is None:
-        raise UnmappedKwarg(f"route {route!r}: cannot tell which model its object_id is; add it to the matrix")
+        raise UnmappedKwarg(
+            f"route {route!r}: cannot tell which model its object_id is; add it to the matrix"
+        )
     model = apps.get_model(match.group(1), match.group(2))
     obj = world.by_model.get(model)
     if obj is None:
@@ -424,8 +434,13 @@ KWARG_RULES: tuple[KwargRule, ...] = (
     KwargRule(f"{ADMIN_PREFIX}r/", "object_id", lambda w, r: str(w.flow.pk), _missing_int),
     KwargRule(ADMIN_PREFIX, "object_id", _admin_object, lambda w, r: "987654321"),
     KwargRule(ADMIN_PREFIX, "id", lambda w, r: str(w.owner.pk), _missing_int),
-    KwargRule(ADMIN_PREFIX, "content_type_id", lambda w, r: _flow_content_type(), lambda w, r: _flow_content_type(),
-              owned=False),
+    KwargRule(
+        ADMIN_PREFIX,
+        "content_type_id",
+        lambda w, r: _flow_content_type(),
+        lambda w, r: _flow_content_type(),
+        owned=False,
+    ),
     KwargRule(ADMIN_PREFIX, "app_label", lambda w, r: "flows_app", lambda w, r: "flows_app", owned=False),
     KwargRule(ADMIN_PREFIX, "url", lambda w, r: "flows_app/nosuch/", lambda w, r: "x/", owned=False),
 )
@@ -461,3 +476,87 @@ def fill(route: Route, world: World, *, missing: bool = False) -> dict[str, str]
 def is_object_route(route: Route) -> bool:
     """Whether the route names one of the owner's objects (an outsider must then get a 404)."""
     return any(_rule(route.route, kwarg).owned for kwarg in route.kwargs)
+
+
+# --- requests -------------------------------------------------------------------------------------------
+
+
+def _upload(name: str, data: bytes, content_type: str = "text/plain") -> Any:
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return SimpleUploadedFile(name, data, content_type=content_type)
+
+
+def zip_upload() -> Any:
+    """A small flow zip to upload."""
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w") as archive:
+        archive.writestr("flow.dag.yaml", "inputs: {}\noutputs: {}\nnodes: []\n")
+    return _upload("stolen.zip", data.getvalue(), content_type="application/zip")
+
+
+# Requests that get past a route's own validation, so the outsider's request really reaches the lookup of
+# the owner's object (a 422 for a malformed form says nothing about authorisation). Keyed by the API
+# operation or the page route name, and the method; `actor` is who sends it.
+REQUESTS: dict[tuple[str, str], Any] = {
+    ("flows:file_download", "GET"): lambda w, actor: {"query": {"path": "flow.dag.yaml"}},
+    # The health check waits up to 5 s for a worker that never runs in these tests.
+    ("healthz", "GET"): lambda w, actor: {"query": {"wait": "0.1"}},
+    ("flows:save", "POST"): lambda w, actor: {
+        "data": {"path": "flow.dag.yaml", "content": "stolen", "based_on": 2}
+    },
+    ("flows:file_add", "POST"): lambda w, actor: {"data": {"path": "stolen.py", "based_on": 2}},
+    ("flows:file_rename", "POST"): lambda w, actor: {
+        "data": {"path": "notes.md", "new_path": "stolen.md", "based_on": 2}
+    },
+    ("flows:file_delete", "POST"): lambda w, actor: {"data": {"path": "notes.md", "based_on": 2}},
+    ("flows:upload", "POST"): lambda w, actor: {
+        "data": {"based_on": 2, "files": _upload("stolen.txt", b"stolen")}
+    },
+    ("flows:import_version", "POST"): lambda w, actor: {"data": {"archive": zip_upload(), "based_on": 2}},
+    ("flows:structure_add", "POST"): lambda w, actor: {
+        "data": {"name": "stolen", "type": "string", "based_on": 2}
+    },
+    ("connections_update", "PATCH"): lambda w, actor: {"json": {"configs": {"model": "stolen"}}},
+    ("flows_file_save", "PUT"): lambda w, actor: {"json": {"based_on": 2, "content": "stolen"}},
+    ("flows_file_delete", "DELETE"): lambda w, actor: {"query": {"based_on": 2}},
+    ("flows_import_version", "POST"): lambda w, actor: {"data": {"file": zip_upload()}},
+    ("flows_share", "POST"): lambda w, actor: {"json": {"user": "outsider", "role": "editor"}},
+    ("flows_unshare", "DELETE"): lambda w, actor: {"query": {"user": "teammate"}},
+    ("runs_update", "PATCH"): lambda w, actor: {"json": {"display_name": "stolen"}},
+    ("runs_rerun", "POST"): lambda w, actor: {"json": {"line_numbers": [0]}},
+    # The outsider evaluates the owner's run with a flow of their own: only the run is foreign.
+    ("runs_evaluate", "POST"): lambda w, actor: {
+        "json": {
+            "flow_id": (w.outsider_flow if actor == w.outsider else w.flow).pk,
+            "column_mapping": {"question": "${run.outputs.answer}"},
+        }
+    },
+    ("endpoints_update", "PATCH"): lambda w, actor: {"json": {"disabled": True}},
+    ("endpoints_key_regenerate", "POST"): lambda w, actor: {"json": {"key_type": "primary"}},
+}
+
+
+def request_for(route: Route, method: str, world: World, actor: Any) -> dict[str, Any]:
+    """What to send with `method` to `route` (query, form data or JSON), or nothing special."""
+    build = REQUESTS.get((route.operation(method) or route.name, method))
+    return build(world, actor) if build else {}
+
+
+def send(client: Any, method: str, url: str, request: dict[str, Any] | None = None, **extra: Any) -> Any:
+    """One request through Django's test client: `request` may hold `query`, `data` (form) or `json`."""
+    request = request or {}
+    if request.get("query"):
+        url = f"{url}?{urlencode(request['query'], doseq=True)}"
+    if "json" in request:
+        return client.generic(
+            method, url, json.dumps(request["json"]), content_type="application/json", **extra
+        )
+    if "data" in request:
+        return getattr(client, method.lower())(url, request["data"], **extra)
+    return client.generic(method, url, **extra)
+
+
+def body_of(response: Any) -> bytes:
+    """The whole body of a response, streamed or not."""
+    return b"".join(response.streaming_content) if response.streaming else response.content

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# `flowstudio` commands started by tests start each runner from scratch, so that no local fork server outlives
+# the session; the one test of the fork server turns it on and stops it.
+os.environ["FLOWSTUDIO_NO_ZYGOTE"] = "1"
 
 pytest_plugins = ["tests.fakellm"]
 

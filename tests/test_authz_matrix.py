@@ -13,13 +13,10 @@ once, and a route whose kwargs the matrix cannot fill fails `test_every_route_kw
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import zipfile
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -27,7 +24,6 @@ from channels.testing import WebsocketCommunicator
 from django.apps import apps
 from django.conf import settings
 from django.contrib.sessions.models import Session
-from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connections, transaction
 from django.shortcuts import resolve_url
 from django.test import Client
@@ -36,10 +32,13 @@ from django.urls import resolve
 from tests.authz_objects import (
     Route,
     World,
+    body_of,
     build_world,
     discover_routes,
     fill,
     is_object_route,
+    request_for,
+    send,
     url_for,
     websocket_routes,
 )
@@ -78,7 +77,9 @@ OUTSIDER_LIST_STATUS = {
     "runs:compare_changes": 404,
 }
 HTMX = {"HTTP_HX_REQUEST": "true"}
-CSRF_RE = re.compile(rb'(name="csrfmiddlewaretoken" value=|"X-CSRFToken": *|csrf[_-]?token["\']?[:=] *)"[^"]*"', re.I)
+CSRF_RE = re.compile(
+    rb'(name="csrfmiddlewaretoken" value=|"X-CSRFToken": *|csrf[_-]?token["\']?[:=] *)"[^"]*"', re.I
+)
 LOGIN_URL = resolve_url(settings.LOGIN_URL)
 
 
@@ -123,11 +124,9 @@ def _api_client(token: str | None) -> Client:
     return Client(HTTP_AUTHORIZATION=f"Bearer {token}") if token else Client()
 
 
-def _body(response: Any) -> bytes:
-    return b"".join(response.streaming_content) if response.streaming else response.content
-
-
-def _normalised(body: bytes, missing: dict[str, str] | None = None, owner: dict[str, str] | None = None) -> bytes:
+def _normalised(
+    body: bytes, missing: dict[str, str] | None = None, owner: dict[str, str] | None = None
+) -> bytes:
     """The body without its per-request CSRF token, the missing object's ids put back to the owner's."""
     body = CSRF_RE.sub(b"CSRF", body)
     for kwarg, value in (missing or {}).items():
@@ -145,71 +144,6 @@ def _db_state() -> dict[str, list[dict[str, Any]]]:
         rows = model._default_manager.order_by("pk").values()
         state[model._meta.label] = [{k: v for k, v in row.items() if k not in volatile} for row in rows]
     return state
-
-
-def _zip() -> SimpleUploadedFile:
-    data = io.BytesIO()
-    with zipfile.ZipFile(data, "w") as archive:
-        archive.writestr("flow.dag.yaml", "inputs: {}\noutputs: {}\nnodes: []\n")
-    return SimpleUploadedFile("stolen.zip", data.getvalue(), content_type="application/zip")
-
-
-# Requests that get past a route's own validation, so the outsider's request really reaches the lookup of
-# the owner's object (a 422 for a malformed form says nothing about authorisation). Keyed by the API
-# operation or the page route name, and the method; `actor` is who sends it.
-REQUESTS: dict[tuple[str, str], Any] = {
-    ("flows:file_download", "GET"): lambda w, actor: {"query": {"path": "flow.dag.yaml"}},
-    ("flows:save", "POST"): lambda w, actor: {
-        "data": {"path": "flow.dag.yaml", "content": "stolen", "based_on": 2}
-    },
-    ("flows:file_add", "POST"): lambda w, actor: {"data": {"path": "stolen.py", "based_on": 2}},
-    ("flows:file_rename", "POST"): lambda w, actor: {
-        "data": {"path": "notes.md", "new_path": "stolen.md", "based_on": 2}
-    },
-    ("flows:file_delete", "POST"): lambda w, actor: {"data": {"path": "notes.md", "based_on": 2}},
-    ("flows:upload", "POST"): lambda w, actor: {
-        "data": {"based_on": 2, "files": SimpleUploadedFile("stolen.txt", b"stolen")}
-    },
-    ("flows:import_version", "POST"): lambda w, actor: {"data": {"archive": _zip(), "based_on": 2}},
-    ("flows:structure_add", "POST"): lambda w, actor: {
-        "data": {"name": "stolen", "type": "string", "based_on": 2}
-    },
-    ("connections_update", "PATCH"): lambda w, actor: {"json": {"configs": {"model": "stolen"}}},
-    ("flows_file_save", "PUT"): lambda w, actor: {"json": {"based_on": 2, "content": "stolen"}},
-    ("flows_file_delete", "DELETE"): lambda w, actor: {"query": {"based_on": 2}},
-    ("flows_import_version", "POST"): lambda w, actor: {"data": {"file": _zip()}},
-    ("flows_share", "POST"): lambda w, actor: {"json": {"user": "outsider", "role": "editor"}},
-    ("flows_unshare", "DELETE"): lambda w, actor: {"query": {"user": "teammate"}},
-    ("runs_update", "PATCH"): lambda w, actor: {"json": {"display_name": "stolen"}},
-    ("runs_rerun", "POST"): lambda w, actor: {"json": {"line_numbers": [0]}},
-    # The outsider evaluates the owner's run with a flow of their own: only the run is foreign.
-    ("runs_evaluate", "POST"): lambda w, actor: {
-        "json": {
-            "flow_id": (w.outsider_flow if actor == w.outsider else w.flow).pk,
-            "column_mapping": {"question": "${run.outputs.answer}"},
-        }
-    },
-    ("endpoints_update", "PATCH"): lambda w, actor: {"json": {"disabled": True}},
-    ("endpoints_key_regenerate", "POST"): lambda w, actor: {"json": {"key_type": "primary"}},
-}
-
-
-def _request(route: Route, method: str, world: World, actor: Any) -> dict[str, Any]:
-    build = REQUESTS.get((route.operation(method) or route.name, method))
-    return build(world, actor) if build else {}
-
-
-def _send(client: Client, method: str, url: str, request: dict[str, Any] | None = None, **extra: Any) -> Any:
-    request = request or {}
-    if request.get("query"):
-        url = f"{url}?{urlencode(request['query'], doseq=True)}"
-    if "json" in request:
-        return client.generic(
-            method, url, json.dumps(request["json"]), content_type="application/json", **extra
-        )
-    if "data" in request:
-        return getattr(client, method.lower())(url, request["data"], **extra)
-    return client.generic(method, url, **extra)
 
 
 def _route_url(route: Route, world: World, *, missing: bool = False) -> str:
@@ -258,14 +192,14 @@ def test_anonymous_is_sent_to_login_for_pages(route: Route, world: World):
     url = _route_url(route, world)
     client = Client()
     for method in route.methods:
-        response = _send(client, method, url)
+        response = send(client, method, url)
         assert response.status_code == 302, f"{method} {url}: {response.status_code}"
         assert response["Location"].split("?")[0] == LOGIN_URL, f"{method} {url}"
-        response = _send(client, method, url, **HTMX)
+        response = send(client, method, url, **HTMX)
         assert response.status_code == 200 and response["HX-Redirect"].split("?")[0] == LOGIN_URL, (
             f"{method} {url} (htmx)"
         )
-        assert world.mark.encode() not in _body(response)
+        assert world.mark.encode() not in body_of(response)
 
 
 @pytest.mark.parametrize("route", API, ids=_ids(API))
@@ -275,9 +209,9 @@ def test_anonymous_gets_401_from_the_api(route: Route, world: World):
     url = _route_url(route, world)
     for client in (Client(), _api_client("fst_not-a-real-token"), _api_client(world.endpoint_keys.primary)):
         for method in route.methods:
-            response = _send(client, method, url, _request(route, method, world, None))
+            response = send(client, method, url, request_for(route, method, world, None))
             assert response.status_code == 401, f"{method} {url}: {response.status_code}"
-            assert world.mark.encode() not in _body(response)
+            assert world.mark.encode() not in body_of(response)
 
 
 @pytest.mark.parametrize("route", ADMIN, ids=_ids(ADMIN))
@@ -286,7 +220,7 @@ def test_anonymous_is_sent_to_the_admin_login(route: Route, world: World):
         return
     url = _route_url(route, world)
     for method in route.methods:
-        response = _send(Client(), method, url)
+        response = send(Client(), method, url)
         assert response.status_code == 302, f"{method} {url}: {response.status_code}"
         assert response["Location"].startswith("/django-admin/login/"), f"{method} {url}"
 
@@ -310,15 +244,15 @@ def test_outsider_gets_the_missing_object_404(route: Route, world: World):
     variants = [{}] if route.kind == "api" else [{}, HTMX]
     for method in route.methods:
         for extra in variants:
-            response = _send(client, method, url, _request(route, method, world, world.outsider), **extra)
+            response = send(client, method, url, request_for(route, method, world, world.outsider), **extra)
             label = f"{method} {url}{' (htmx)' if extra else ''}"
             assert response.status_code == 404, f"{label}: outsider got {response.status_code}"
-            reference = _send(
-                client, method, missing_url, _request(route, method, world, world.outsider), **extra
+            reference = send(
+                client, method, missing_url, request_for(route, method, world, world.outsider), **extra
             )
             assert reference.status_code == 404, f"{method} {missing_url}: {reference.status_code}"
-            assert _normalised(_body(response)) == _normalised(
-                _body(reference), missing_values, owner_values
+            assert _normalised(body_of(response)) == _normalised(
+                body_of(reference), missing_values, owner_values
             ), f"{label}: the 404 differs from a missing object's (existence leaks)"
     assert _db_state() == before, f"{route.id}: the outsider's requests changed something"
 
@@ -329,13 +263,11 @@ LIST_ROUTES = [r for r in PAGES + API if not r.kwargs and r.name not in PUBLIC_R
 @pytest.mark.parametrize("route", LIST_ROUTES, ids=_ids(LIST_ROUTES))
 def test_outsider_lists_show_nothing_of_the_owner(route: Route, world: World):
     url = _route_url(route, world)
-    client = (
-        _api_client(world.outsider_token_plain) if route.kind == "api" else _session(world.outsider)
-    )
+    client = _api_client(world.outsider_token_plain) if route.kind == "api" else _session(world.outsider)
     before = _db_state()
     for method in route.methods:
         for extra in [{}] if route.kind == "api" else [{}, HTMX]:
-            response = _send(client, method, url, **extra)
+            response = send(client, method, url, **extra)
             label = f"{method} {url}{' (htmx)' if extra else ''}"
             if method == "GET":
                 expected = OUTSIDER_LIST_STATUS.get(route.name, 200)
@@ -343,7 +275,7 @@ def test_outsider_lists_show_nothing_of_the_owner(route: Route, world: World):
             else:
                 # An empty form or body: refused as invalid, never as forbidden.
                 assert response.status_code not in (403, 500), f"{label}: {response.status_code}"
-            assert world.mark.encode() not in _body(response), f"{label}: shows the owner's objects"
+            assert world.mark.encode() not in body_of(response), f"{label}: shows the owner's objects"
     assert _db_state() == before, f"{route.id}: the outsider's requests changed something"
 
 
@@ -359,9 +291,11 @@ def test_owner_reaches_every_object_route(route: Route, world: World):
     for method in route.methods:
         # Whatever the request changes is rolled back: each method meets the same objects.
         with transaction.atomic():
-            response = _send(client, method, url, _request(route, method, world, actor))
+            response = send(client, method, url, request_for(route, method, world, actor))
             transaction.set_rollback(True)
-        assert response.status_code not in (403, 404, 405), f"{method} {url}: owner got {response.status_code}"
+        assert response.status_code not in (403, 404, 405), (
+            f"{method} {url}: owner got {response.status_code}"
+        )
         assert response.status_code < 500, f"{method} {url}: owner got {response.status_code}"
 
 
@@ -533,13 +467,13 @@ def test_outsider_cannot_reach_owner_objects_named_in_queries_and_bodies(world: 
     problems = []
     for kind, method, url, request, allowed, echo in _cross_references(world):
         for extra in [{}] if kind == "api" else [{}, HTMX]:
-            response = _send(api if kind == "api" else page, method, url, request, **extra)
+            response = send(api if kind == "api" else page, method, url, request, **extra)
             label = f"{method} {url} {request}{' (htmx)' if extra else ''}"
             # htmx gets the 422 of a refused form as a 422 too, and a redirect as HX-Redirect (200).
             statuses = allowed | ({200} if extra and 302 in allowed else set())
             if response.status_code not in statuses:
                 problems.append(f"{label}: {response.status_code}, expected one of {sorted(statuses)}")
-            body = _body(response).replace(echo.encode(), b"") if echo else _body(response)
+            body = body_of(response).replace(echo.encode(), b"") if echo else body_of(response)
             if world.mark.encode() in body:
                 problems.append(f"{label}: the answer shows the owner's objects")
     assert problems == []
@@ -557,12 +491,12 @@ def test_outsider_is_sent_to_the_admin_login_and_sees_nothing(route: Route, worl
     client = _session(world.outsider)
     before = _db_state()
     for method in route.methods:
-        response = _send(client, method, url)
+        response = send(client, method, url)
         assert response.status_code == 302, f"{method} {url}: {response.status_code}"
         assert response["Location"].startswith("/django-admin/login/"), f"{method} {url}"
         login = client.get(response["Location"])
         assert login.status_code == 200
-        assert world.mark.encode() not in _body(login)
+        assert world.mark.encode() not in body_of(login)
     assert _db_state() == before
 
 
@@ -575,7 +509,10 @@ WS_KWARGS = {"flow_id": lambda w: w.flow.pk, "run_id": lambda w: w.run.pk}
 
 def _cookie(user: Any) -> tuple[bytes, bytes]:
     client = _session(user)
-    return (b"cookie", f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}".encode())
+    return (
+        b"cookie",
+        f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}".encode(),
+    )
 
 
 def _ws_connect(path: str, headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None, Any]:
@@ -593,22 +530,30 @@ def _ws_connect(path: str, headers: list[tuple[bytes, bytes]]) -> tuple[bool, in
 
 
 WS_ROUTES = websocket_routes()
+WS_MISSING = {"flow_id": "987654321", "run_id": "00000000-0000-4000-8000-000000000000"}
 
 
 @pytest.mark.parametrize(("route", "name", "kwargs"), WS_ROUTES, ids=[r[1] for r in WS_ROUTES])
 def test_websockets_refuse_anonymous_outsider_and_foreign_origins(route, name, kwargs, world: World):
-    missing = [k for k in kwargs if k not in WS_KWARGS]
-    assert missing == [], f"websocket route {route!r}: kwargs {missing} not in WS_KWARGS; add it to the matrix"
+    missing = [k for k in kwargs if k not in WS_KWARGS or k not in WS_MISSING]
+    assert missing == [], (
+        f"websocket route {route!r}: kwargs {missing} not in WS_KWARGS; add it to the matrix"
+    )
     path = url_for(route, {k: str(WS_KWARGS[k](world)) for k in kwargs})
+    missing_path = url_for(route, {k: WS_MISSING[k] for k in kwargs})
     outsider, owner = _cookie(world.outsider), _cookie(world.owner)
+    anonymous = _ws_connect(path, [ORIGIN])
+    assert not anonymous[0] and 4000 <= (anonymous[1] or 0) < 5000, f"{path}: anonymous got {anonymous}"
+    refused = _ws_connect(path, [ORIGIN, outsider])
+    assert not refused[0] and 4000 <= (refused[1] or 0) < 5000, f"{path}: the outsider got {refused}"
+    # The same close as for an object nobody has: the socket does not reveal that the object exists.
+    assert refused == _ws_connect(missing_path, [ORIGIN, outsider])
     for label, headers in (
-        ("anonymous", [ORIGIN]),
-        ("outsider", [ORIGIN, outsider]),
-        ("owner from a foreign origin", [(b"origin", b"https://evil.example"), owner]),
-        ("owner without an origin", [owner]),
+        ("a foreign origin", [(b"origin", b"https://evil.example"), owner]),
+        ("no origin", [owner]),
     ):
         connected, _code, first = _ws_connect(path, headers)
-        assert not connected, f"{path}: {label} was let in ({first})"
+        assert not connected, f"{path}: the owner's session from {label} was let in ({first})"
 
 
 # --- endpoint scoring: key auth only ------------------------------------------------------------------
@@ -647,7 +592,9 @@ def _asgi_http(path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"")
         }
         await application(scope, receive, send)
         start = next(m for m in sent if m["type"] == "http.response.start")
-        return start["status"], b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return start["status"], b"".join(
+            m.get("body", b"") for m in sent if m["type"] == "http.response.body"
+        )
 
     return async_to_sync(call)()
 
@@ -670,8 +617,14 @@ def test_endpoint_paths_answer_only_their_own_keys(world: World):
             status, answer = _asgi_http(path, headers, payload)
             assert status == 401, f"{path} with {label}: {status} {answer[:200]!r}"
             assert b"answer" not in answer and world.mark.encode() not in answer.replace(name.encode(), b"")
+    # The owner's own key does open it (so the 401s above are about the keys, not a broken path).
+    from runs_app.services import endpoint_authenticate
+
+    assert endpoint_authenticate(name=name, credential=world.endpoint_keys.primary) is not None
     # An unknown endpoint answers exactly like a wrong key, so keys cannot probe for names.
-    status, _ = _asgi_http("/endpoints/nosuch-endpoint/score", [cases["the outsider's endpoint key"][0]], body)
+    status, _ = _asgi_http(
+        "/endpoints/nosuch-endpoint/score", [cases["the outsider's endpoint key"][0]], body
+    )
     assert status == 401
 
 

@@ -70,7 +70,7 @@ def _manage(studio: RunningStudio, *args: str) -> str:
 @pytest.fixture(scope="module")
 def token(studio: RunningStudio) -> str:
     """A personal access token of a fresh user, printed by the `create_token` command (one Django start)."""
-    return _manage(
+    printed = _manage(
         studio,
         "shell",
         "-c",
@@ -79,6 +79,8 @@ def token(studio: RunningStudio) -> str:
         f"get_user_model().objects.create_user(username='{USER}', password='ci-bot-pass-123!')\n"
         f"call_command('create_token', user='{USER}', name='ci')\n",
     )
+    # The shell may announce its automatic imports first: the token is the last line.
+    return printed.splitlines()[-1].strip()
 
 
 def _flowstudio() -> list[str]:
@@ -141,10 +143,14 @@ def test_ci_pipeline_pushes_runs_evaluates_gates_and_deploys_with_the_cli_alone(
     again = cli("flow", "push", "flow", "--name", "shouter", "-m", "second commit")
     assert "as version 2" in again.stderr and again.stdout.strip().endswith("?version=2")
 
-    batch = cli("run", "create", "--file", "batch.yml", "--name", "ci-batch", "--stream")
+    # The batch runs the version just pushed; its data file is uploaded from the checkout.
+    batch = cli(
+        "run", "create", "--file", "batch.yml", "--flow", "shouter@2", "--name", "ci-batch", "--stream"
+    )
     assert "[Completed] 3/3 lines" in batch.stderr
     # The run's log is streamed as it runs, then the final record.
     assert "run completed" in batch.stdout
+    # The evaluation flow is a local folder, sent as a snapshot with the run.
     evaluation = cli(
         "run", "create", "--file", "eval.yml", "--run", "ci-batch", "--name", "ci-eval", "--stream"
     )
@@ -171,6 +177,8 @@ def test_ci_pipeline_pushes_runs_evaluates_gates_and_deploys_with_the_cli_alone(
     assert "outputs.grade" in table and "Incorrect" in table
     rows = list(csv.DictReader(io.StringIO(cli("run", "show-details", "-n", "ci-eval", "--csv").stdout)))
     assert [row["outputs.grade"] for row in rows] == ["Correct", "Incorrect", "Correct"]
+    batch_run = json.loads(cli("run", "show", "-n", "ci-batch").stdout)
+    assert (batch_run["flow"], batch_run["flow_version"]) == ("shouter", 2)
     lines = json.loads(cli("run", "show-details", "-n", "ci-batch", "--json").stdout)
     assert lines[1]["outputs"]["shout"] == "HELLO | HELLO | HELLO"
     shown = json.loads(cli("run", "show", "-n", "ci-eval").stdout)

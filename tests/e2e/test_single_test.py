@@ -142,7 +142,7 @@ def test_the_chat_answer_grows_token_by_token_and_equals_the_cli(studio, page, f
     # The trace shows flow → node → LLM call with tokens; the history reopens the first test.
     page.locator("[data-test-tab=trace]").click()
     assert page.locator("#test-trace .trace-kind-flow .trace-kind-node .trace-kind-llm").count() == 1
-    assert "tokens" in page.locator("#test-trace .trace-kind-llm .trace-tokens").first.inner_text()
+    assert re.fullmatch(r"\d+ tokens", page.locator("#test-trace .trace-kind-flow .trace-tokens").first.inner_text())
     page.locator("[data-test-tab=history]").click()
     rows = page.locator("#test-history [data-test-open]")
     rows.first.wait_for()

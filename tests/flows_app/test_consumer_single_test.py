@@ -98,7 +98,8 @@ async def test_owner_runs_the_chat_template_and_sees_badges_tokens_and_the_answe
     assert "".join(chunks) == expected and len(chunks) == 5
     badges = [(m["node"], m["status"]) for m in seen if m["type"] == "node"]
     assert badges == [("chat", "running"), ("chat", "completed")]
-    assert "trace-kind-llm" in done["trace"] and "tokens" in done["trace"]
+    assert done["usage"]["total_tokens"] > 0
+    assert "trace-kind-llm" in done["trace"] and f"{done['usage']['total_tokens']} tokens" in done["trace"]
     await socket.disconnect()
     test = await sync_to_async(FlowTest.objects.get)(pk=done["test"])
     assert test.status == "Completed" and test.outputs == {"answer": expected}

@@ -11,7 +11,7 @@ from runs_app import services
 from runs_app.models import Dataset, LineResult, Run, RunChunk, RunLog, RunStatus
 from tests.runs_app.conftest import jsonl, square_files
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 
 
 def _auth(user) -> dict[str, str]:
