@@ -229,7 +229,7 @@ class RunListFilters(Schema):
     archived: Literal["exclude", "only", "include"] = "exclude"
     base_run: str | None = None
     limit: int = Field(default=50, ge=1, le=1000)
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 def _user(request: HttpRequest) -> AbstractBaseUser:

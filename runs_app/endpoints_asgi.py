@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 from django.utils import timezone
 
 from flowengine import events
@@ -90,11 +90,15 @@ async def _db(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
     """Run a database-touching service in Django's sync thread, with fresh connections around it."""
 
     def call() -> Any:
-        close_old_connections()
+        # As Django does around a request; not inside an open transaction (a caller's, e.g. a test's).
+        fresh = not connection.in_atomic_block
+        if fresh:
+            close_old_connections()
         try:
             return fn(**kwargs)
         finally:
-            close_old_connections()
+            if fresh:
+                close_old_connections()
 
     return await sync_to_async(call, thread_sensitive=True)()
 

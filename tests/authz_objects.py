@@ -161,6 +161,8 @@ def url_for(route: str, values: dict[str, str]) -> str:
     # Admin regexes first: their named groups look like route converters.
     path = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: values[m.group(1)], route)
     path = re.sub(r"<(?:(\w+):)?(\w+)>", converter, path)
+    # A catch-all regex (the API's JSON 404 for unknown paths) gets a path no route has.
+    path = re.sub(r"\[\\s\\S\]\*|\.\*", "no/such/route", path)
     return "/" + path.replace("^", "").replace("$", "")
 
 
@@ -502,6 +504,10 @@ REQUESTS: dict[tuple[str, str], Any] = {
     ("flows:file_download", "GET"): lambda w, actor: {"query": {"path": "flow.dag.yaml"}},
     # The health check waits up to 5 s for a worker that never runs in these tests.
     ("healthz", "GET"): lambda w, actor: {"query": {"wait": "0.1"}},
+    ("runs:compare", "GET"): lambda w, actor: {"query": {"runs": f"{w.run.pk},{w.evaluation.pk}"}},
+    ("runs:compare_csv", "GET"): lambda w, actor: {"query": {"runs": f"{w.run.pk},{w.evaluation.pk}"}},
+    ("runs:compare_json", "GET"): lambda w, actor: {"query": {"runs": f"{w.run.pk},{w.evaluation.pk}"}},
+    ("runs:compare_changes", "GET"): lambda w, actor: {"query": {"a": w.run.pk, "b": w.evaluation.pk}},
     ("flows:save", "POST"): lambda w, actor: {
         "data": {"path": "flow.dag.yaml", "content": "stolen", "based_on": 2}
     },

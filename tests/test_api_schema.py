@@ -87,6 +87,8 @@ def token(owner, wsgi_in_test_transaction, django_capture_on_commit_callbacks) -
 @settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
+    # No example database: runs stay independent and leave no .hypothesis folder in the work tree.
+    database=None,
     suppress_health_check=[
         HealthCheck.too_slow,
         HealthCheck.filter_too_much,

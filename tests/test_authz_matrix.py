@@ -61,6 +61,7 @@ PUBLIC_ROUTES = {
     "api:openapi-json",  # the API schema: operations and types, no user data
     "api:openapi-view",  # the API docs page rendering that schema
     "api:api-root",  # ninja's index of the API
+    "api:no-route",  # any other path under /api/v1/: a JSON 404 for everyone, naming only that path
     "admin:login",  # Django admin's own sign-in form
     "admin:logout",  # Django admin's sign-out
     "admin:jsi18n",  # Django admin's translation catalogue (static JavaScript)
@@ -325,7 +326,15 @@ def _cross_references(w: World) -> list[tuple[str, str, str, dict[str, Any], set
             "",
         ),
         ("page", "POST", "/runs/new", {"data": {"base_run": run.pk}}, {404}, ""),
-        ("page", "POST", "/runs/archive-selected", {"data": {"runs": [run.pk, evaluation.pk]}}, {302}, ""),
+        # The selection is refused as a whole (404) or the foreign runs are skipped (302): never archived.
+        (
+            "page",
+            "POST",
+            "/runs/archive-selected",
+            {"data": {"runs": [run.pk, evaluation.pk]}},
+            {302, 404},
+            "",
+        ),
         ("page", "GET", "/runs/", {"query": {"flow": flow.pk}}, {200, 404}, ""),
         ("page", "GET", "/runs/", {"query": {"search": "run"}}, {200}, ""),
         ("page", "GET", "/runs/", {"query": {"archived": "all"}}, {200}, ""),
@@ -502,6 +511,19 @@ def test_outsider_is_sent_to_the_admin_login_and_sees_nothing(route: Route, worl
 
 # --- websockets -----------------------------------------------------------------------------------------
 
+# These go through the real ASGI stack, whose consumers and endpoint server read the database from their own
+# calls (with close_old_connections around them): they need committed objects, hence transactional tests
+# with a world of their own rather than the module's rolled-back one.
+TRANSACTIONAL = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+@pytest.fixture
+def committed_world(owner, outsider, teammate, django_user_model) -> World:
+    """The owner's objects, committed."""
+    staff = django_user_model.objects.create_user(username="staff", password=None, is_staff=True)
+    return build_world(owner=owner, outsider=outsider, teammate=teammate, staff=staff)
+
+
 # studio.asgi builds its origin check from ALLOWED_HOSTS at import, before the test runner adds "testserver".
 ORIGIN = (b"origin", b"http://localhost")
 WS_KWARGS = {"flow_id": lambda w: w.flow.pk, "run_id": lambda w: w.run.pk}
@@ -525,7 +547,6 @@ def _ws_connect(path: str, headers: list[tuple[bytes, bytes]]) -> tuple[bool, in
         await socket.disconnect()
         return connected, code, first
 
-    # From this sync test, the consumers' database calls run in this thread, inside the test's transaction.
     return async_to_sync(attempt)()
 
 
@@ -599,7 +620,9 @@ def _asgi_http(path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"")
     return async_to_sync(call)()
 
 
-def test_endpoint_paths_answer_only_their_own_keys(world: World):
+@TRANSACTIONAL
+def test_endpoint_paths_answer_only_their_own_keys(committed_world: World):
+    world = committed_world
     name = world.endpoint.name
     body = json.dumps({"question": "hi", "style": "short"}).encode()
     owner_session = _cookie(world.owner)

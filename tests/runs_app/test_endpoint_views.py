@@ -269,7 +269,9 @@ def test_monitoring_counts_errors_and_percentiles_per_window_and_htmx_gets_the_p
 
 
 def test_a_share_out_of_range_is_named_next_to_its_deployment(owner, endpoint):
-    resp = _client(owner).post(reverse("endpoints:traffic", args=["chat-ep"]), {"traffic__blue": "150"}, **HTMX)
+    resp = _client(owner).post(
+        reverse("endpoints:traffic", args=["chat-ep"]), {"traffic__blue": "150"}, **HTMX
+    )
     assert resp.status_code == 422
     assert "less than or equal to 100" in resp.content.decode()
     assert Deployment.objects.get().traffic == 100
