@@ -28,7 +28,17 @@ _EXPORTS = {
     "validate": "flowengine.validation",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AggregationResult",
+    "Flow",
+    "FlowExecutor",
+    "FlowValidationError",
+    "LineResult",
+    "Problem",
+    "events",
+    "load_flow",
+    "validate",
+]
 
 
 def __getattr__(name: str) -> Any:

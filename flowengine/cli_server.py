@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import operator
 import re
 import sys
 import time
@@ -29,12 +30,12 @@ GATE_RE = re.compile(
     r"^\s*(?P<name>[^<>=!\s](?:[^<>=!]*[^<>=!\s])?)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>.*?)\s*$"
 )
 GATE_OPS: dict[str, Callable[[Any, Any], bool]] = {
-    "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b,
-    ">": lambda a, b: a > b,
-    ">=": lambda a, b: a >= b,
-    "==": lambda a, b: a == b,
-    "!=": lambda a, b: a != b,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
 }
 POLL_SECONDS = 1.0
 SERVER_HELP = "studio URL (default: $FLOWSTUDIO_SERVER); the token comes from $FLOWSTUDIO_TOKEN"

@@ -27,8 +27,6 @@ FLOWS = Path(__file__).resolve().parent / "data" / "flows"
 API_PREFIX = "api/v1/"
 ADMIN_PREFIX = "django-admin/"
 DEFAULT_PAGE_METHODS = ("GET", "POST")
-# Sent to every route that accepts any method at all: what a route answers to these is part of the matrix.
-ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 class UnmappedKwarg(AssertionError):

@@ -13,14 +13,11 @@ once, and a route whose kwargs the matrix cannot fill fails `test_every_route_kw
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync
-from channels.testing import WebsocketCommunicator
 from django.apps import apps
 from django.conf import settings
 from django.contrib.sessions.models import Session
@@ -31,6 +28,7 @@ from django.urls import resolve
 
 from tests.authz_objects import (
     Route,
+    UnmappedKwarg,
     World,
     body_of,
     build_world,
@@ -66,11 +64,11 @@ PUBLIC_ROUTES = {
     "admin:logout",  # Django admin's sign-out
     "admin:jsi18n",  # Django admin's translation catalogue (static JavaScript)
 }
-# List pages (no object kwarg) an ordinary signed-in user may not open at all: staff-only pages hide
-# themselves with a 404 (accounts_app.views.staff_required).
+# List routes (no object kwarg) whose bare GET is not a 200 for an ordinary signed-in user.
 OUTSIDER_LIST_STATUS = {
+    # Staff only: hides itself with a 404 (accounts_app.views.staff_required).
     "accounts:admin": 404,
-    # Comparing needs `?runs=a,b`; without them the page says so (the owner's runs are tried below).
+    # Comparing needs `?runs=a,b`; without them the page says so (the owner's runs are tried further down).
     "runs:compare": 400,
     "runs:compare_csv": 400,
     "runs:compare_json": 400,
@@ -168,6 +166,14 @@ def test_public_routes_all_exist():
     assert PUBLIC_ROUTES <= {r.name for r in ROUTES}
 
 
+def test_a_route_with_an_unknown_kwarg_fails_naming_the_route_and_the_kwarg(world: World):
+    new = Route(
+        "flows/<int:pk>/widgets/<int:widget_id>", "flows:widget", "page", ("pk", "widget_id"), ("GET",)
+    )
+    with pytest.raises(UnmappedKwarg, match=r"flows/<int:pk>/widgets/<int:widget_id>.*'widget_id'.*add it"):
+        fill(new, world)
+
+
 @pytest.mark.parametrize("route", ROUTES, ids=_ids(ROUTES))
 def test_every_route_kwarg_is_in_the_matrix(route: Route, world: World):
     url = _route_url(route, world)
@@ -228,10 +234,10 @@ def test_anonymous_is_sent_to_the_admin_login(route: Route, world: World):
 
 # --- the outsider ---------------------------------------------------------------------------------------
 
-OBJECT_PAGES = [r for r in PAGES + API if r.kwargs and r.name not in PUBLIC_ROUTES]
+OBJECT_ROUTES = [r for r in PAGES + API if r.kwargs and r.name not in PUBLIC_ROUTES]
 
 
-@pytest.mark.parametrize("route", OBJECT_PAGES, ids=_ids(OBJECT_PAGES))
+@pytest.mark.parametrize("route", OBJECT_ROUTES, ids=_ids(OBJECT_ROUTES))
 def test_outsider_gets_the_missing_object_404(route: Route, world: World):
     if not is_object_route(route):
         pytest.fail(f"{route.id}: a route with kwargs that name none of the owner's objects; classify it")
@@ -283,7 +289,7 @@ def test_outsider_lists_show_nothing_of_the_owner(route: Route, world: World):
 # --- the owner: the same URLs reach real objects --------------------------------------------------------
 
 
-@pytest.mark.parametrize("route", OBJECT_PAGES, ids=_ids(OBJECT_PAGES))
+@pytest.mark.parametrize("route", OBJECT_ROUTES, ids=_ids(OBJECT_ROUTES))
 def test_owner_reaches_every_object_route(route: Route, world: World):
     url = _route_url(route, world)
     # The staff pages (accounts' admin/...) are the staff's; every other object is the owner's.
@@ -326,15 +332,8 @@ def _cross_references(w: World) -> list[tuple[str, str, str, dict[str, Any], set
             "",
         ),
         ("page", "POST", "/runs/new", {"data": {"base_run": run.pk}}, {404}, ""),
-        # The selection is refused as a whole (404) or the foreign runs are skipped (302): never archived.
-        (
-            "page",
-            "POST",
-            "/runs/archive-selected",
-            {"data": {"runs": [run.pk, evaluation.pk]}},
-            {302, 404},
-            "",
-        ),
+        # A run the user cannot see is a 404, like one that does not exist: nothing is archived.
+        ("page", "POST", "/runs/archive-selected", {"data": {"runs": [run.pk, evaluation.pk]}}, {404}, ""),
         ("page", "GET", "/runs/", {"query": {"flow": flow.pk}}, {200, 404}, ""),
         ("page", "GET", "/runs/", {"query": {"search": "run"}}, {200}, ""),
         ("page", "GET", "/runs/", {"query": {"archived": "all"}}, {200}, ""),
@@ -507,151 +506,3 @@ def test_outsider_is_sent_to_the_admin_login_and_sees_nothing(route: Route, worl
         assert login.status_code == 200
         assert world.mark.encode() not in body_of(login)
     assert _db_state() == before
-
-
-# --- websockets -----------------------------------------------------------------------------------------
-
-# These go through the real ASGI stack, whose consumers and endpoint server read the database from their own
-# calls (with close_old_connections around them): they need committed objects, hence transactional tests
-# with a world of their own rather than the module's rolled-back one.
-TRANSACTIONAL = pytest.mark.django_db(transaction=True, databases="__all__")
-
-
-@pytest.fixture
-def committed_world(owner, outsider, teammate, django_user_model) -> World:
-    """The owner's objects, committed."""
-    staff = django_user_model.objects.create_user(username="staff", password=None, is_staff=True)
-    return build_world(owner=owner, outsider=outsider, teammate=teammate, staff=staff)
-
-
-# studio.asgi builds its origin check from ALLOWED_HOSTS at import, before the test runner adds "testserver".
-ORIGIN = (b"origin", b"http://localhost")
-WS_KWARGS = {"flow_id": lambda w: w.flow.pk, "run_id": lambda w: w.run.pk}
-
-
-def _cookie(user: Any) -> tuple[bytes, bytes]:
-    client = _session(user)
-    return (
-        b"cookie",
-        f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}".encode(),
-    )
-
-
-def _ws_connect(path: str, headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None, Any]:
-    from studio.asgi import application
-
-    async def attempt() -> tuple[bool, int | None, Any]:
-        socket = WebsocketCommunicator(application, path, headers=headers)
-        connected, code = await socket.connect(timeout=5)
-        first = await socket.receive_json_from(timeout=5) if connected else None
-        await socket.disconnect()
-        return connected, code, first
-
-    return async_to_sync(attempt)()
-
-
-WS_ROUTES = websocket_routes()
-WS_MISSING = {"flow_id": "987654321", "run_id": "00000000-0000-4000-8000-000000000000"}
-
-
-@pytest.mark.parametrize(("route", "name", "kwargs"), WS_ROUTES, ids=[r[1] for r in WS_ROUTES])
-def test_websockets_refuse_anonymous_outsider_and_foreign_origins(route, name, kwargs, world: World):
-    missing = [k for k in kwargs if k not in WS_KWARGS or k not in WS_MISSING]
-    assert missing == [], (
-        f"websocket route {route!r}: kwargs {missing} not in WS_KWARGS; add it to the matrix"
-    )
-    path = url_for(route, {k: str(WS_KWARGS[k](world)) for k in kwargs})
-    missing_path = url_for(route, {k: WS_MISSING[k] for k in kwargs})
-    outsider, owner = _cookie(world.outsider), _cookie(world.owner)
-    anonymous = _ws_connect(path, [ORIGIN])
-    assert not anonymous[0] and 4000 <= (anonymous[1] or 0) < 5000, f"{path}: anonymous got {anonymous}"
-    refused = _ws_connect(path, [ORIGIN, outsider])
-    assert not refused[0] and 4000 <= (refused[1] or 0) < 5000, f"{path}: the outsider got {refused}"
-    # The same close as for an object nobody has: the socket does not reveal that the object exists.
-    assert refused == _ws_connect(missing_path, [ORIGIN, outsider])
-    for label, headers in (
-        ("a foreign origin", [(b"origin", b"https://evil.example"), owner]),
-        ("no origin", [owner]),
-    ):
-        connected, _code, first = _ws_connect(path, headers)
-        assert not connected, f"{path}: the owner's session from {label} was let in ({first})"
-
-
-# --- endpoint scoring: key auth only ------------------------------------------------------------------
-
-
-def _asgi_http(path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> tuple[int, bytes]:
-    from studio.asgi import application
-
-    async def call() -> tuple[int, bytes]:
-        sent: list[dict[str, Any]] = []
-        received = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal received
-            if received:
-                return {"type": "http.disconnect"}
-            received = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST" if body else "GET",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"host", b"localhost"), (b"content-type", b"application/json"), *headers],
-            "client": ("127.0.0.1", 5000),
-            "server": ("localhost", 80),
-        }
-        await application(scope, receive, send)
-        start = next(m for m in sent if m["type"] == "http.response.start")
-        return start["status"], b"".join(
-            m.get("body", b"") for m in sent if m["type"] == "http.response.body"
-        )
-
-    return async_to_sync(call)()
-
-
-@TRANSACTIONAL
-def test_endpoint_paths_answer_only_their_own_keys(committed_world: World):
-    world = committed_world
-    name = world.endpoint.name
-    body = json.dumps({"question": "hi", "style": "short"}).encode()
-    owner_session = _cookie(world.owner)
-    cases = {
-        "no key": [],
-        "a session cookie, no key": [owner_session],
-        "the owner's API token": [(b"authorization", f"Bearer {world.owner_token_plain}".encode())],
-        "the outsider's endpoint key": [
-            (b"authorization", f"Bearer {world.outsider_endpoint_keys.primary}".encode())
-        ],
-        "a made-up key": [(b"authorization", b"Bearer not-a-key")],
-    }
-    for label, headers in cases.items():
-        for path, payload in ((f"/endpoints/{name}/score", body), (f"/endpoints/{name}/swagger.json", b"")):
-            status, answer = _asgi_http(path, headers, payload)
-            assert status == 401, f"{path} with {label}: {status} {answer[:200]!r}"
-            assert b"answer" not in answer and world.mark.encode() not in answer.replace(name.encode(), b"")
-    # The owner's own key does open it (so the 401s above are about the keys, not a broken path).
-    from runs_app.services import endpoint_authenticate
-
-    assert endpoint_authenticate(name=name, credential=world.endpoint_keys.primary) is not None
-    # An unknown endpoint answers exactly like a wrong key, so keys cannot probe for names.
-    status, _ = _asgi_http(
-        "/endpoints/nosuch-endpoint/score", [cases["the outsider's endpoint key"][0]], body
-    )
-    assert status == 401
-
-
-def test_endpoint_keys_do_not_open_the_studio_api(world: World):
-    for key in (world.endpoint_keys.primary, world.endpoint_keys.secondary):
-        assert _api_client(key).get("/api/v1/me").status_code == 401
-        assert _api_client(key).get(f"/api/v1/endpoints/{world.endpoint.name}").status_code == 401
