@@ -392,13 +392,15 @@ def _refused(request: HttpRequest, pk: int, error: Exception | str) -> HttpRespo
 @require_POST
 def flow_save_file(request: HttpRequest, pk: int) -> HttpResponse:
     """Save one file based on the version the editor loaded; a stale save answers 409 with the conflict view."""
+    # The write views authorise before validating, so an outsider's bad form gets 404, not the form's refusal.
+    flow = flow_get_for(request.user, pk, edit=True)
     form = FileSaveForm(request.POST)
     if not form.is_valid():
         return _refused(request, pk, " ".join(m for ms in form.errors.values() for m in ms))
     data = form.cleaned_data
     try:
         version = flow_file_save(
-            flow=flow_get_for(request.user, pk, edit=True),
+            flow=flow,
             user=request.user,
             path=data["path"],
             content=data["content"].encode(),
@@ -431,6 +433,7 @@ def flow_save_file(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def flow_file_add(request: HttpRequest, pk: int) -> HttpResponse:
     """Add an empty file, or a folder when the path ends with '/'."""
+    flow_get_for(request.user, pk, edit=True)
     path = (request.htmx.prompt or request.POST.get("path", "")).strip()
     if path and request.POST.get("kind") == "folder":
         path = path.rstrip("/") + "/"
@@ -451,6 +454,7 @@ def flow_file_add(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def flow_file_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
     """Rename or move a file or folder; the new path comes from the prompt."""
+    flow = flow_get_for(request.user, pk, edit=True)
     form = RenameForm(
         {**request.POST.dict(), "new_path": request.htmx.prompt or request.POST.get("new_path", "")}
     )
@@ -458,7 +462,7 @@ def flow_file_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
         return _refused(request, pk, "Give the new path.")
     data = form.cleaned_data
     try:
-        flow_file_rename(flow=flow_get_for(request.user, pk, edit=True), user=request.user, **data)
+        flow_file_rename(flow=flow, user=request.user, **data)
     except (*EDIT_ERRORS, FlowConflict) as error:
         return _refused(request, pk, error)
     return _changed(
@@ -474,13 +478,12 @@ def flow_file_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def flow_file_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
     """Delete a file or a folder with everything in it."""
+    flow = flow_get_for(request.user, pk, edit=True)
     form = PathForm(request.POST)
     if not form.is_valid():
         return _refused(request, pk, "Say which file to delete.")
     try:
-        flow_file_delete(
-            flow=flow_get_for(request.user, pk, edit=True), user=request.user, **form.cleaned_data
-        )
+        flow_file_delete(flow=flow, user=request.user, **form.cleaned_data)
     except (*EDIT_ERRORS, FlowConflict) as error:
         return _refused(request, pk, error)
     return _changed(request, pk, f"Deleted {form.cleaned_data['path']}.", deleted=form.cleaned_data["path"])
@@ -490,13 +493,14 @@ def flow_file_delete_view(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def flow_upload(request: HttpRequest, pk: int) -> HttpResponse:
     """Upload files, or a folder (each file's relative path comes in `paths`), into a folder of the flow."""
+    flow = flow_get_for(request.user, pk, edit=True)
     form = UploadForm(request.POST, request.FILES)
     if not form.is_valid():
         return _refused(request, pk, "Choose at least one file to upload.")
     files = form.named_files()
     try:
         flow_files_upload(
-            flow=flow_get_for(request.user, pk, edit=True),
+            flow=flow,
             user=request.user,
             files=files,
             based_on=form.cleaned_data["based_on"],
@@ -511,6 +515,7 @@ def flow_upload(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def flow_import_version(request: HttpRequest, pk: int) -> HttpResponse:
     """Import a zip as a new version of this flow."""
+    flow = flow_get_for(request.user, pk, edit=True)
     form = VersionImportForm(request.POST, request.FILES)
     if not form.is_valid():
         return _refused(request, pk, "Choose a zip file to import.")
@@ -518,7 +523,7 @@ def flow_import_version(request: HttpRequest, pk: int) -> HttpResponse:
         version = flow_import_zip(
             owner=request.user,
             data=form.cleaned_data["archive"].read(),
-            into=flow_get_for(request.user, pk, edit=True),
+            into=flow,
             based_on=form.cleaned_data["based_on"],
             message=form.cleaned_data["message"],
         )
@@ -538,6 +543,7 @@ def flow_structure_add(request: HttpRequest, pk: int, what: str) -> HttpResponse
     form_class = STRUCTURE_FORMS.get(what)
     if form_class is None:
         raise Http404("No such structure edit.")
+    flow_get_for(request.user, pk, edit=True)
     form = form_class(request.POST)
     if not form.is_valid():
         return _refused(request, pk, "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))

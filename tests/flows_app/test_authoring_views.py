@@ -261,6 +261,29 @@ def test_viewer_sees_read_only_workspace_and_the_server_refuses_writes(client, v
     assert flow.versions.count() == 1
 
 
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("save", {}),
+        ("file_add", {}),
+        ("file_rename", {}),
+        ("file_delete", {}),
+        ("upload", {}),
+        ("import_version", {}),
+        ("structure_add", {"what": "input"}),
+        ("structure_add", {"what": "node"}),
+    ],
+)
+@pytest.mark.parametrize("htmx", [False, True])
+def test_outsider_posting_an_empty_form_gets_404_not_the_form_refusal(
+    client, outsider, flow, name, kwargs, htmx
+):
+    client.force_login(outsider)
+    response = client.post(url(name, flow, **kwargs), {}, **(HTMX if htmx else {}))
+    assert response.status_code == 404
+    assert flow.versions.count() == 1
+
+
 def test_add_rename_delete_and_upload_files(client, owner, flow):
     client.force_login(owner)
     assert (
