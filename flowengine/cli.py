@@ -277,7 +277,7 @@ async def _test_once(
         if isinstance(ev, events.OutputChunk):
             sys.stderr.write(ev.delta)
             sys.stderr.flush()
-            streamed = True
+            streamed = streamed or bool(ev.delta)
         elif isinstance(ev, events.LogLine):
             _on_log(args.verbose)(None, ev)
         elif isinstance(ev, events.NodeFailed) and ev.error is not None and args.verbose:
@@ -341,7 +341,7 @@ async def _interactive(
             if isinstance(ev, events.OutputChunk) and (chat_output is None or ev.output == chat_output):
                 sys.stdout.write(ev.delta)
                 sys.stdout.flush()
-                streamed = True
+                streamed = streamed or bool(ev.delta)
             elif isinstance(ev, events.LogLine):
                 _on_log(args.verbose)(None, ev)
             elif isinstance(ev, events.LineCompleted):

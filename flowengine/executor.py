@@ -500,7 +500,7 @@ class FlowExecutor:
             async for chunk in self._iterate(value):
                 text = chunk if isinstance(chunk, str) else str(chunk)
                 parts.append(text)
-                if line.stream and text:
+                if line.stream:
                     line.emit(OutputChunk(output=name, delta=text, line_number=line.ctx.line_number))
             joined[id(value)] = final[name] = "".join(parts)
         return final

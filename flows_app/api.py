@@ -167,7 +167,7 @@ def connections_list(request: HttpRequest) -> list[dict[str, Any]]:
 
 
 @router.post("/connections", response={201: ConnectionOut, 422: ErrorOut}, summary="Create a connection")
-def connections_create(request: HttpRequest, payload: ConnectionIn) -> tuple[int, Any]:
+def connections_create(request: HttpRequest, payload: ConnectionIn) -> Status:
     """Create a connection owned by the caller."""
     user = _user(request)
     try:
@@ -180,8 +180,8 @@ def connections_create(request: HttpRequest, payload: ConnectionIn) -> tuple[int
             team=_team(user, payload.team),
         )
     except ValidationError as error:
-        return 422, _error(error)
-    return 201, _out(connection, user)
+        return Status(422, _error(error))
+    return Status(201, _out(connection, user))
 
 
 @router.get("/connections/{name}", response=ConnectionOut, summary="Show a connection")
@@ -196,7 +196,7 @@ def connections_get(request: HttpRequest, name: str) -> dict[str, Any]:
     response={200: ConnectionOut, 403: ErrorOut, 422: ErrorOut},
     summary="Update a connection",
 )
-def connections_update(request: HttpRequest, name: str, payload: ConnectionPatch) -> tuple[int, Any]:
+def connections_update(request: HttpRequest, name: str, payload: ConnectionPatch) -> Status:
     """Change a connection you own; secrets you leave out or send as '******' stay as they are."""
     user = _user(request)
     connection = _editable(request, name)
@@ -212,15 +212,15 @@ def connections_update(request: HttpRequest, name: str, payload: ConnectionPatch
             team=team,
         )
     except ValidationError as error:
-        return 422, _error(error)
-    return 200, _out(connection, user)
+        return Status(422, _error(error))
+    return Status(200, _out(connection, user))
 
 
 @router.delete("/connections/{name}", response={204: None, 403: ErrorOut}, summary="Delete a connection")
-def connections_delete(request: HttpRequest, name: str) -> tuple[int, None]:
+def connections_delete(request: HttpRequest, name: str) -> Status:
     """Delete a connection you own."""
     connection_delete(connection=_editable(request, name), by=_user(request))
-    return 204, None
+    return Status(204, None)
 
 
 @router.post("/connections/{name}/test", response=TestOut, summary="Test a connection with one real call")

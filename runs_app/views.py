@@ -245,13 +245,18 @@ def run_list(request: HttpRequest) -> HttpResponse:
     return render(request, f"{LIST}#rows" if request.htmx else LIST, context)
 
 
+def _run_page_with_evaluations(request: HttpRequest, run_id: UUID, template: str, tab: str) -> HttpResponse:
+    """A run tab that also lists the evaluation runs made against the run."""
+    run = selectors.run_get_for(request.user, run_id)
+    evaluations = selectors.run_list_for(request.user, base_run=run, archived=None)
+    return _run_page(request, run, template, tab, evaluations=evaluations)
+
+
 @login_required
 @require_GET
 def run_detail(request: HttpRequest, run_id: UUID) -> HttpResponse:
     """Overview tab: status, live progress, timings, tokens, lineage and settings."""
-    run = selectors.run_get_for(request.user, run_id)
-    evaluations = selectors.run_list_for(request.user, base_run=run, archived=None)
-    return _run_page(request, run, OVERVIEW, "overview", evaluations=evaluations)
+    return _run_page_with_evaluations(request, run_id, OVERVIEW, "overview")
 
 
 @login_required
@@ -279,9 +284,7 @@ def run_outputs(request: HttpRequest, run_id: UUID) -> HttpResponse:
 @require_GET
 def run_metrics(request: HttpRequest, run_id: UUID) -> HttpResponse:
     """Metrics tab: the run's aggregated metrics and those of its evaluation runs."""
-    run = selectors.run_get_for(request.user, run_id)
-    evaluations = selectors.run_list_for(request.user, base_run=run, archived=None)
-    return _run_page(request, run, METRICS, "metrics", evaluations=evaluations)
+    return _run_page_with_evaluations(request, run_id, METRICS, "metrics")
 
 
 @login_required
@@ -519,12 +522,12 @@ def run_compare_changes_view(request: HttpRequest) -> HttpResponse:
 def run_archive_selected_view(request: HttpRequest) -> HttpResponse:
     """Archive (or, with `archived=0`, restore) the runs ticked in the run list; others' runs are left alone."""
     archived = request.POST.get("archived", "1") == "1"
+    # Resolve every id before changing anything: one id the user may not see answers 404 with nothing archived.
+    runs = [selectors.run_get_for(request.user, run_id) for run_id in request.POST.getlist("runs")]
     changed = skipped = 0
-    for run_id in request.POST.getlist("runs"):
+    for run in runs:
         try:
-            services.run_archive(
-                user=request.user, run=selectors.run_get_for(request.user, run_id), archived=archived
-            )
+            services.run_archive(user=request.user, run=run, archived=archived)
             changed += 1
         except services.RunError:
             skipped += 1

@@ -118,7 +118,25 @@ def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStudio]:
 
 
 @pytest.fixture(scope="session")
-def browser() -> Iterator[object]:
+def allow_sync_orm_under_playwright() -> Iterator[None]:
+    """Let the tests' own ORM calls run while the browser is up, and only then.
+
+    Playwright's sync API keeps an event loop running in the test thread (its dispatcher greenlet sits inside
+    `run_until_complete`), so Django would refuse the tests' plain synchronous database calls as "called from
+    an async context".
+    """
+    name = "DJANGO_ALLOW_ASYNC_UNSAFE"
+    previous = os.environ.get(name)
+    os.environ[name] = "true"
+    yield
+    if previous is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = previous
+
+
+@pytest.fixture(scope="session")
+def browser(allow_sync_orm_under_playwright: None) -> Iterator[object]:
     """Debian's Chromium, headless, driven by Playwright's sync API (no browser download)."""
     from playwright.sync_api import sync_playwright
 

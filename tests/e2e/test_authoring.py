@@ -16,10 +16,6 @@ from flows_app.services import flow_create, flow_create_from_template, flow_shar
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
-# Playwright's sync API keeps an event loop running in the test thread; the tests' own database calls stay
-# synchronous in that thread, which Django would otherwise refuse as "called from an async context".
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-
 SHOTS = os.environ.get("STUDIO_E2E_SCREENSHOTS")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 from django.test import Client
@@ -148,6 +149,18 @@ def test_delete_returns_204(conn, owner):
     response = _api(owner).delete(f"{API}/api_conn")
     assert response.status_code == 204
     assert not Connection.objects.exists()
+
+
+def test_writes_answer_without_ninjas_deprecated_tuple_returns(owner):
+    client = _api(owner)
+    body = {"name": "made", "type": "open_ai", "secrets": {"api_key": KEY}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert _json(client, "post", API, body).status_code == 201
+        assert _json(client, "post", API, {**body, "name": "bad name!"}).status_code == 422
+        assert _json(client, "patch", f"{API}/made", {"configs": {"model": "gpt-4o"}}).status_code == 200
+        assert _json(client, "patch", f"{API}/made", {"secrets": {"api_key": None}}).status_code == 422
+        assert client.delete(f"{API}/made").status_code == 204
 
 
 def test_teammate_reads_and_tests_but_cannot_change_a_shared_connection(conn, owner, teammate, fake_llm):

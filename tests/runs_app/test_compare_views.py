@@ -289,6 +289,19 @@ def test_archiving_a_selection_archives_only_the_users_runs(owner, outsider, run
     assert not Run.objects.get(pk=theirs.v0.pk).archived
 
 
+def test_a_foreign_run_in_the_selection_404s_and_archives_nothing(owner, outsider, runs):
+    theirs = build_comparison(outsider, lines=2, prefix="other")
+
+    response = _client(owner).post(
+        reverse("runs:archive_selected"),
+        {"runs": [str(runs.v0.pk), str(theirs.v0.pk), str(runs.v1.pk)]},
+        **HTMX,
+    )
+
+    assert response.status_code == 404
+    assert not Run.objects.filter(archived=True).exists()
+
+
 def test_anonymous_cannot_archive_a_selection(runs):
     response = _client().post(reverse("runs:archive_selected"), {"runs": [str(runs.v0.pk)]})
 
