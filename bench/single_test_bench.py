@@ -205,7 +205,8 @@ def _check(result: dict[str, Any], tokens: int) -> tuple[list[str], list[tuple[s
         problems.append(f"messages of other tests arrived: {sorted(map(str, ids))}")
     chunks = [(t, m["delta"]) for t, m in messages if m["type"] == "chunk"]
     expected = expected_chat_answer(
-        [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": result["question"]}], tokens
+        [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": result["question"]}],
+        tokens,
     )
     text = "".join(delta for _, delta in chunks)
     if done.get("status") != "Completed":
@@ -220,7 +221,9 @@ def _latencies(stamps: dict[tuple[str, str], float], chunks: list[tuple[str, str
     return [(t - stamps[(first, delta)]) * 1000 for first, delta, t in chunks if (first, delta) in stamps]
 
 
-async def _run(args: argparse.Namespace, url: str, origin: str, cookie: str, flows: list[int], fake: Any) -> dict:
+async def _run(
+    args: argparse.Namespace, url: str, origin: str, cookie: str, flows: list[int], fake: Any
+) -> dict:
     import aiohttp
 
     report: dict[str, Any] = {}
@@ -360,7 +363,9 @@ def _write(report: dict[str, Any], args: argparse.Namespace, load: tuple[float, 
 
 def main() -> int:
     """Run both parts and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tests", type=int, default=100)
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--tokens", type=int, default=20)

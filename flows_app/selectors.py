@@ -392,7 +392,8 @@ def flowtest_form_for(user: AbstractBaseUser | AnonymousUser, flow_id: int) -> d
             label = f"{node_name}: {variant_id}" + (" (default)" if index == 0 else "")
             form["variants"].append({"value": "${" + f"{node_name}.{variant_id}" + "}", "label": label})
     by_name = {f["name"]: f for f in form["fields"]}
-    for node in flow.line_nodes if flow.kind == "dag" else ():
+    # Nodes with variants read their inputs from the default variant.
+    for node in flow.with_variant(None).line_nodes if flow.kind == "dag" else ():
         fields: list[dict[str, Any]] = []
         seen: set[str] = set()
         for _, ref in node.references():

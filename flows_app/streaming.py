@@ -87,6 +87,8 @@ class TestRecord:
         """Record the event; the message for the page, or None when the page needs none."""
         test = self.test_id
         if isinstance(event, events.OutputChunk):
+            if not event.delta:
+                return None
             self.streamed.setdefault(event.output, []).append(event.delta)
             return {"type": MESSAGE_CHUNK, "test": test, "output": event.output, "delta": event.delta}
         if isinstance(event, events.NodeStarted):

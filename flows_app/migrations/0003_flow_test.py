@@ -6,37 +6,73 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('flows_app', '0002_flow_storage'),
+        ("flows_app", "0002_flow_storage"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='FlowTest',
+            name="FlowTest",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('inputs', models.JSONField(blank=True, default=dict)),
-                ('outputs', models.JSONField(blank=True, default=dict)),
-                ('status', models.CharField(choices=[('Running', 'Running'), ('Completed', 'Completed'), ('Failed', 'Failed'), ('Canceled', 'Canceled')], default='Running', max_length=16)),
-                ('error', models.JSONField(blank=True, null=True)),
-                ('logs', models.JSONField(blank=True, default=list)),
-                ('trace', models.JSONField(blank=True, default=list)),
-                ('variant', models.CharField(blank=True, default='', max_length=300)),
-                ('node', models.CharField(blank=True, default='', max_length=300)),
-                ('node_runs', models.JSONField(blank=True, default=dict)),
-                ('usage', models.JSONField(blank=True, default=dict)),
-                ('duration_ms', models.FloatField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('flow', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='tests', to='flows_app.flow')),
-                ('user', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='flow_tests', to=settings.AUTH_USER_MODEL)),
-                ('version', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='tests', to='flows_app.flowversion')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("inputs", models.JSONField(blank=True, default=dict)),
+                ("outputs", models.JSONField(blank=True, default=dict)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("Running", "Running"),
+                            ("Completed", "Completed"),
+                            ("Failed", "Failed"),
+                            ("Canceled", "Canceled"),
+                        ],
+                        default="Running",
+                        max_length=16,
+                    ),
+                ),
+                ("error", models.JSONField(blank=True, null=True)),
+                ("logs", models.JSONField(blank=True, default=list)),
+                ("trace", models.JSONField(blank=True, default=list)),
+                ("variant", models.CharField(blank=True, default="", max_length=300)),
+                ("node", models.CharField(blank=True, default="", max_length=300)),
+                ("node_runs", models.JSONField(blank=True, default=dict)),
+                ("usage", models.JSONField(blank=True, default=dict)),
+                ("duration_ms", models.FloatField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "flow",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="tests", to="flows_app.flow"
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="flow_tests",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="tests",
+                        to="flows_app.flowversion",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
-                'indexes': [models.Index(fields=['flow', '-created_at'], name='flowtest_flow_recent')],
+                "ordering": ["-created_at", "-id"],
+                "indexes": [models.Index(fields=["flow", "-created_at"], name="flowtest_flow_recent")],
             },
         ),
     ]

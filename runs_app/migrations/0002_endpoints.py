@@ -7,98 +7,226 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('flows_app', '0003_flow_test'),
-        ('runs_app', '0001_initial'),
+        ("flows_app", "0003_flow_test"),
+        ("runs_app", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Endpoint',
+            name="Endpoint",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=32, unique=True, validators=[django.core.validators.RegexValidator('^[a-z][a-z0-9-]{1,30}[a-z0-9]$', message="Use 3 to 32 lower-case letters, digits and '-', starting with a letter, not ending with '-'.")])),
-                ('description', models.TextField(blank=True, default='')),
-                ('disabled', models.BooleanField(default=False)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('owner', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='endpoints', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        max_length=32,
+                        unique=True,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[a-z][a-z0-9-]{1,30}[a-z0-9]$",
+                                message="Use 3 to 32 lower-case letters, digits and '-', starting with a letter, not ending with '-'.",
+                            )
+                        ],
+                    ),
+                ),
+                ("description", models.TextField(blank=True, default="")),
+                ("disabled", models.BooleanField(default=False)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "owner",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="endpoints",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='Deployment',
+            name="Deployment",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=32, validators=[django.core.validators.RegexValidator('^[a-z][a-z0-9-]{1,30}[a-z0-9]$', message="Use 3 to 32 lower-case letters, digits and '-', starting with a letter, not ending with '-'.")])),
-                ('flow_name', models.CharField(blank=True, default='', max_length=200)),
-                ('flow_kind', models.CharField(blank=True, default='', max_length=16)),
-                ('outputs', models.JSONField(blank=True, default=list)),
-                ('connection_overrides', models.JSONField(blank=True, default=dict)),
-                ('variant', models.CharField(blank=True, default='', max_length=255)),
-                ('init', models.JSONField(blank=True, default=dict)),
-                ('environment_variables', models.JSONField(blank=True, default=dict)),
-                ('instance_count', models.PositiveSmallIntegerField(default=1)),
-                ('traffic', models.PositiveSmallIntegerField(default=0)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('created_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('flow', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='deployments', to='flows_app.flow')),
-                ('flow_version', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='deployments', to='flows_app.flowversion')),
-                ('run', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='deployments', to='runs_app.run')),
-                ('snapshot', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='deployments', to='flows_app.snapshot')),
-                ('endpoint', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='deployments', to='runs_app.endpoint')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        max_length=32,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[a-z][a-z0-9-]{1,30}[a-z0-9]$",
+                                message="Use 3 to 32 lower-case letters, digits and '-', starting with a letter, not ending with '-'.",
+                            )
+                        ],
+                    ),
+                ),
+                ("flow_name", models.CharField(blank=True, default="", max_length=200)),
+                ("flow_kind", models.CharField(blank=True, default="", max_length=16)),
+                ("outputs", models.JSONField(blank=True, default=list)),
+                ("connection_overrides", models.JSONField(blank=True, default=dict)),
+                ("variant", models.CharField(blank=True, default="", max_length=255)),
+                ("init", models.JSONField(blank=True, default=dict)),
+                ("environment_variables", models.JSONField(blank=True, default=dict)),
+                ("instance_count", models.PositiveSmallIntegerField(default=1)),
+                ("traffic", models.PositiveSmallIntegerField(default=0)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "flow",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="deployments",
+                        to="flows_app.flow",
+                    ),
+                ),
+                (
+                    "flow_version",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="deployments",
+                        to="flows_app.flowversion",
+                    ),
+                ),
+                (
+                    "run",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="deployments",
+                        to="runs_app.run",
+                    ),
+                ),
+                (
+                    "snapshot",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="deployments",
+                        to="flows_app.snapshot",
+                    ),
+                ),
+                (
+                    "endpoint",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="deployments",
+                        to="runs_app.endpoint",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['endpoint_id', 'created_at', 'id'],
+                "ordering": ["endpoint_id", "created_at", "id"],
             },
         ),
         migrations.CreateModel(
-            name='EndpointKey',
+            name="EndpointKey",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('slot', models.CharField(choices=[('primary', 'Primary'), ('secondary', 'Secondary')], max_length=16)),
-                ('key_hash', models.CharField(max_length=64, unique=True)),
-                ('prefix', models.CharField(max_length=16)),
-                ('created_at', models.DateTimeField()),
-                ('endpoint', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='keys', to='runs_app.endpoint')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "slot",
+                    models.CharField(
+                        choices=[("primary", "Primary"), ("secondary", "Secondary")], max_length=16
+                    ),
+                ),
+                ("key_hash", models.CharField(max_length=64, unique=True)),
+                ("prefix", models.CharField(max_length=16)),
+                ("created_at", models.DateTimeField()),
+                (
+                    "endpoint",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="keys",
+                        to="runs_app.endpoint",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['endpoint_id', 'slot'],
+                "ordering": ["endpoint_id", "slot"],
             },
         ),
         migrations.CreateModel(
-            name='EndpointRequest',
+            name="EndpointRequest",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('time', models.DateTimeField()),
-                ('status', models.PositiveSmallIntegerField()),
-                ('latency_ms', models.FloatField()),
-                ('streamed', models.BooleanField(default=False)),
-                ('prompt_tokens', models.PositiveIntegerField(default=0)),
-                ('completion_tokens', models.PositiveIntegerField(default=0)),
-                ('total_tokens', models.PositiveIntegerField(default=0)),
-                ('error_code', models.CharField(blank=True, default='', max_length=32)),
-                ('deployment', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='requests', to='runs_app.deployment')),
-                ('endpoint', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='requests', to='runs_app.endpoint')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("time", models.DateTimeField()),
+                ("status", models.PositiveSmallIntegerField()),
+                ("latency_ms", models.FloatField()),
+                ("streamed", models.BooleanField(default=False)),
+                ("prompt_tokens", models.PositiveIntegerField(default=0)),
+                ("completion_tokens", models.PositiveIntegerField(default=0)),
+                ("total_tokens", models.PositiveIntegerField(default=0)),
+                ("error_code", models.CharField(blank=True, default="", max_length=32)),
+                (
+                    "deployment",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="requests",
+                        to="runs_app.deployment",
+                    ),
+                ),
+                (
+                    "endpoint",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="requests",
+                        to="runs_app.endpoint",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-time', '-id'],
+                "ordering": ["-time", "-id"],
             },
         ),
         migrations.AddConstraint(
-            model_name='deployment',
-            constraint=models.UniqueConstraint(fields=('endpoint', 'name'), name='deployment_name_unique_per_endpoint'),
+            model_name="deployment",
+            constraint=models.UniqueConstraint(
+                fields=("endpoint", "name"), name="deployment_name_unique_per_endpoint"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='endpointkey',
-            constraint=models.UniqueConstraint(fields=('endpoint', 'slot'), name='endpoint_key_slot_unique'),
+            model_name="endpointkey",
+            constraint=models.UniqueConstraint(fields=("endpoint", "slot"), name="endpoint_key_slot_unique"),
         ),
         migrations.AddIndex(
-            model_name='endpointrequest',
-            index=models.Index(fields=['endpoint', 'time'], name='endpoint_request_time'),
+            model_name="endpointrequest",
+            index=models.Index(fields=["endpoint", "time"], name="endpoint_request_time"),
         ),
     ]

@@ -77,17 +77,35 @@ def _cli_answer(tmp: Path, base_url: str, question: str, history: list) -> str:
     env["FLOWSTUDIO_HOME"] = str(tmp / "home")
     flow = tmp / "chat"
     if not flow.exists():
-        subprocess.run([FLOWSTUDIO, "flow", "init", "--flow", str(flow), "--type", "chat"], env=env, check=True)
         subprocess.run(
-            [FLOWSTUDIO, "connection", "create", "-f", str(flow / "openai.yaml"), "--set", "api_key=sk-cli",
-             f"base_url={base_url}"],
+            [FLOWSTUDIO, "flow", "init", "--flow", str(flow), "--type", "chat"], env=env, check=True
+        )
+        subprocess.run(
+            [
+                FLOWSTUDIO,
+                "connection",
+                "create",
+                "-f",
+                str(flow / "openai.yaml"),
+                "--set",
+                "api_key=sk-cli",
+                f"base_url={base_url}",
+            ],
             env=env,
             check=True,
             capture_output=True,
         )
     done = subprocess.run(
-        [FLOWSTUDIO, "flow", "test", "--flow", str(flow), "--inputs", f"question={question}",
-         "chat_history=" + json.dumps(history)],
+        [
+            FLOWSTUDIO,
+            "flow",
+            "test",
+            "--flow",
+            str(flow),
+            "--inputs",
+            f"question={question}",
+            "chat_history=" + json.dumps(history),
+        ],
         env=env,
         check=True,
         capture_output=True,
@@ -142,7 +160,9 @@ def test_the_chat_answer_grows_token_by_token_and_equals_the_cli(studio, page, f
     # The trace shows flow → node → LLM call with tokens; the history reopens the first test.
     page.locator("[data-test-tab=trace]").click()
     assert page.locator("#test-trace .trace-kind-flow .trace-kind-node .trace-kind-llm").count() == 1
-    assert re.fullmatch(r"\d+ tokens", page.locator("#test-trace .trace-kind-flow .trace-tokens").first.inner_text())
+    assert re.fullmatch(
+        r"\d+ tokens", page.locator("#test-trace .trace-kind-flow .trace-tokens").first.inner_text()
+    )
     page.locator("[data-test-tab=history]").click()
     rows = page.locator("#test-history [data-test-open]")
     rows.first.wait_for()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 
@@ -45,11 +46,25 @@ def _cookie(user) -> tuple[bytes, bytes]:
     return (b"cookie", f"{settings.SESSION_COOKIE_NAME}={value}".encode())
 
 
+OPEN: list[WebsocketCommunicator] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_sockets():
+    """Disconnect every socket a test opened, even when it failed: that kills their runners."""
+    yield
+    while OPEN:
+        with contextlib.suppress(Exception):
+            await OPEN.pop().disconnect(timeout=5)
+
+
 async def _socket(flow_id: int, user=None, origin=ORIGIN) -> WebsocketCommunicator:
     headers = [origin]
     if user is not None:
         headers.append(await sync_to_async(_cookie)(user))
-    return WebsocketCommunicator(application, f"/ws/flows/{flow_id}/test/", headers=headers)
+    socket = WebsocketCommunicator(application, f"/ws/flows/{flow_id}/test/", headers=headers)
+    OPEN.append(socket)
+    return socket
 
 
 async def _until(socket: WebsocketCommunicator, kind: str, timeout: float = 30) -> tuple[dict, list[dict]]:
@@ -83,7 +98,7 @@ async def test_owner_runs_the_chat_template_and_sees_badges_tokens_and_the_answe
     ready = await socket.receive_json_from(timeout=10)
     assert ready["type"] == "ready"
     assert ready["chat"] == {"input": "question", "history": "chat_history", "output": "answer"}
-    assert 'data-input="question"' in ready["form"]
+    assert "data-test-message" in ready["form"] and 'data-node-input="question"' in ready["form"]
     await socket.send_json_to({"action": "run", "inputs": {"question": "Hi there", "chat_history": []}})
     done, seen = await _until(socket, "done")
     kinds = [m["type"] for m in seen]
@@ -307,3 +322,34 @@ async def test_an_outsider_cannot_open_someone_elses_test(slow_flow, owner, outs
 
     with pytest.raises(Http404):
         await sync_to_async(flowtest_get_for)(outsider, slow_flow.pk, done["test"])
+
+
+async def test_a_variant_and_a_single_node_run_with_inputs_of_their_own(owner, fake_llm):
+    from pathlib import Path
+
+    from flows_app.services import files_from_folder, flow_create
+
+    await sync_to_async(connection_create)(
+        owner=owner,
+        name="fake_openai",
+        type="open_ai",
+        configs={"base_url": fake_llm.base_url},
+        secrets={"api_key": "sk-test"},
+    )
+    folder = Path(__file__).resolve().parents[1] / "data" / "flows" / "dag_variants"
+    flow = await sync_to_async(flow_create)(
+        owner=owner, name="variants", files=files_from_folder(root=folder)
+    )
+    socket = await _connected(flow.pk, owner)
+    await socket.send_json_to({"action": "run", "inputs": {"name": "Ada"}, "variant": "${greet.variant_1}"})
+    done, _ = await _until(socket, "done")
+    assert done["status"] == "Completed", done["error"]
+    assert done["outputs"]["greeting"] == "hi Ada" and done["outputs"]["framed"] == "[hi Ada]"
+    await socket.send_json_to({"action": "run", "inputs": {"greet.output": "Hello, Bo"}, "node": "frame"})
+    done, seen = await _until(socket, "done")
+    assert done["status"] == "Completed", done["error"]
+    assert [m["node"] for m in seen if m["type"] == "node" and m["status"] == "running"] == ["frame"]
+    assert done["outputs"] == {"output": "[Hello, Bo]"}
+    await socket.send_json_to({"action": "run", "inputs": {}, "variant": "${greet.variant_9}"})
+    refused, _ = await _until(socket, "refused")
+    assert "no variant 'variant_9'" in refused["message"]

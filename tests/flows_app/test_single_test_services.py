@@ -112,7 +112,7 @@ def test_the_form_of_a_chat_flow_starts_from_the_first_row_of_its_data(chat_flow
     assert fields["question"]["value"] == "What is prompt flow?" and fields["question"]["widget"] == "text"
     assert fields["chat_history"]["widget"] == "json" and fields["chat_history"]["value"] == "[]"
     html = streaming.render_form(form)
-    assert 'data-test-chat' in html and "What is prompt flow?</textarea>" in html
+    assert "data-test-chat" in html and "What is prompt flow?</textarea>" in html
 
 
 def test_the_form_offers_variants_and_per_node_inputs(variants_flow, owner):
@@ -189,3 +189,10 @@ def test_a_record_turns_events_into_messages_and_what_the_history_keeps():
     assert final["outputs"] == {"n": 1, "text": "hello"}
     assert final["node_runs"]["c"] == {"status": "bypassed"} and final["logs"][0]["stream"] == "stderr"
     assert streaming.TestRecord(8).final(canceled=True)["status"] == "Canceled"
+
+
+def test_the_authoring_page_includes_the_test_pane_and_its_socket(chat_flow, owner, client):
+    client.force_login(owner)
+    page = client.get(f"/flows/{chat_flow.pk}/").content.decode()
+    assert f'data-ws-path="/ws/flows/{chat_flow.pk}/test/"' in page
+    assert "js/test_pane.js" in page and "css/test_pane.css" in page
