@@ -13,6 +13,7 @@ import io
 import json
 import math
 import operator
+import os
 import re
 import sys
 import time
@@ -566,9 +567,19 @@ def server_run_visualize(args: argparse.Namespace, client: Any) -> int:
     ]
     target = Path(args.output or f"visualize-{names[0]}.html")
     target.write_text(static_comparison_html(runs), encoding="utf-8")
-    _err(f"In the studio: {client.compare_url(names)}")
+    url = client.compare_url(names)
+    _err(f"In the studio: {url}")
     sys.stdout.write(f"{target.resolve()}\n")
+    _open_when_interactive(url)
     return 0
+
+
+def _open_when_interactive(url: str) -> None:
+    """Open the page in the user's browser when a person is at the terminal (never in pipelines or CI)."""
+    from flowengine.visualize import open_in_browser
+
+    if sys.stdout.isatty() and not os.environ.get("CI"):
+        open_in_browser(url)
 
 
 def local_run_visualize(args: argparse.Namespace) -> int:
@@ -582,6 +593,7 @@ def local_run_visualize(args: argparse.Namespace) -> int:
     target = Path(args.output) if args.output else store.path(names[0]) / "visualize.html"
     target.write_text(static_comparison_html(runs), encoding="utf-8")
     sys.stdout.write(f"{target.resolve()}\n")
+    _open_when_interactive(target.resolve().as_uri())
     return 0
 
 

@@ -73,3 +73,30 @@ def test_open_in_browser_uses_the_browser_the_user_set(tmp_path: Path):
 
     assert done.returncode == 0
     assert seen.read_text().strip() == "http://studio.test/runs/compare?runs=a,b"
+
+
+def test_visualize_at_a_terminal_opens_the_page_and_in_a_pipeline_does_not(tmp_path: Path):
+    import pty
+
+    store = RunStore(tmp_path)
+    _local_run(store, "base", ["a red fox"], {"accuracy": 0.5})
+    _local_run(store, "other", ["a brown fox"], {"accuracy": 0.75})
+    seen = tmp_path / "opened.txt"
+    script = tmp_path / "browser.sh"
+    script.write_text(f'#!/bin/sh\necho "$1" > {seen}\n')
+    script.chmod(0o755)
+    env = {**os.environ, "FLOWSTUDIO_HOME": str(tmp_path), "BROWSER": str(script)}
+    for name in ("FLOWSTUDIO_SERVER", "CI"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "flowengine.cli", "run", "visualize", "-n", "base", "other"]
+
+    piped = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0, piped.stderr
+    assert not seen.exists()
+
+    primary, secondary = pty.openpty()
+    at_terminal = subprocess.run(command, cwd=REPO, env=env, stdout=secondary, stderr=secondary, timeout=60)
+    os.close(secondary)
+    os.close(primary)
+    assert at_terminal.returncode == 0
+    assert seen.read_text().strip() == (store.path("base") / "visualize.html").resolve().as_uri()
