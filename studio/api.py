@@ -6,6 +6,7 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import URLPattern, URLResolver, re_path
+from django.views.decorators.csrf import csrf_exempt
 from ninja import NinjaAPI
 from ninja.errors import HttpError, ValidationError
 
@@ -60,6 +61,8 @@ class StudioAPI(NinjaAPI):
         return [*super()._get_urls(), re_path(r"^[\s\S]*$", _no_route, name="no-route")]
 
 
+# No session or form is read here, and unsafe methods must get the same JSON 404 as GET, not Django's CSRF page.
+@csrf_exempt
 def _no_route(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"detail": f"There is no API route at {request.path!r}."}, status=404)
 
