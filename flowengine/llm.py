@@ -1,20 +1,36 @@
-"""LLM calls through the `openai` SDK: one client per connection and event loop, our own bounded retries."""
+"""LLM calls through the `openai` SDK: one client per connection and event loop, our own bounded retries.
+
+Chat and completion calls take a direct path (see docs/adr/0005-llm-direct-transport.md): the SDK builds the
+request (URL, auth and SDK headers, Azure deployment routing), turns error responses into its own exceptions,
+decodes server-sent events and types the response models; the bytes travel over one aiohttp session per event
+loop instead of the SDK's layered HTTP client, whose CPU per call caps a process at about 0.7x the throughput
+that 128 calls in flight allow. `FLOWSTUDIO_LLM_TRANSPORT=sdk` sends every call through the SDK's client.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import importlib
+import json
 import os
 import random
 import threading
 import time
+import urllib.request
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+import aiohttp
 import openai
+import pydantic
+from openai._models import FinalRequestOptions, construct_type
+from openai._streaming import SSEDecoder
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from flowengine.connections import Connection
 
@@ -181,12 +197,15 @@ def warm_up() -> None:
 
 
 async def close_clients() -> None:
-    """Close the cached clients of the running loop."""
+    """Close the cached clients and the direct path's HTTP session of the running loop."""
     loop = asyncio.get_running_loop()
     with _clients_lock:
         per_loop = _clients.pop(loop, {})
+        found = _sessions.pop(loop, None)
     for client in per_loop.values():
         await client.close()
+    if found is not None:
+        await found[1].aclose()
 
 
 # -- errors and retries ---------------------------------------------------------------------------------
@@ -275,7 +294,12 @@ def _is_retriable(exc: BaseException) -> bool:
         text = f"{exc} {_connection_failure(exc) or exc.__cause__}".lower()
         return any(
             m in text
-            for m in ("connection aborted", "server disconnected without sending a response", "reset by peer")
+            for m in (
+                "connection aborted",
+                "server disconnected",
+                "reset by peer",
+                "response payload is not completed",
+            )
         )
     return False
 
@@ -382,14 +406,17 @@ async def create(
     *,
     policy: RetryPolicy | None = None,
 ) -> Any:
-    """Call chat.completions.create or completions.create with retries; returns the SDK response or AsyncStream."""
+    """Call chat.completions.create or completions.create with retries; returns the SDK response or a stream."""
     policy = policy or default_retry_policy()
     client = get_client(conn, timeout=policy.timeout)
     body = dict(params)
     endpoint = client.completions if api == "completion" else client.chat.completions
     api_name = "completion" if api == "completion" else "chat"
+    direct = _direct_transport()
 
     async def call() -> Any:
+        if direct:
+            return await _direct_create(client, api, body, policy.timeout)
         return await endpoint.create(**body)
 
     try:
@@ -404,6 +431,194 @@ async def create(
             body.pop("stream_options")
             return await with_retries(call, conn, api=api_name, policy=policy)
         raise
+
+
+# -- the direct path: SDK-built requests over an aiohttp session ------------------------------------------
+
+# aiohttp sessions, like httpx pools, belong to the loop that opened them.
+_sessions: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, AsyncGenerator[None, None]]
+] = weakref.WeakKeyDictionary()
+# What a client's requests to one path and model share (they differ only in their body).
+_templates: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], _Template]] = weakref.WeakKeyDictionary()
+_direct: bool | None = None
+
+
+def _direct_transport() -> bool:
+    """Whether chat and completion calls take the direct path (FLOWSTUDIO_LLM_TRANSPORT=sdk turns it off)."""
+    global _direct
+    if _direct is None:
+        _direct = os.environ.get("FLOWSTUDIO_LLM_TRANSPORT", "direct") != "sdk"
+    return _direct
+
+
+@dataclass(frozen=True)
+class _Template:
+    url: str
+    headers: dict[str, str]
+    proxy: str | None
+    request: Any  # the SDK's request object, which its exceptions carry
+    http: Any  # the SDK's HTTP library, for its Response type
+
+
+def _env_proxy(url: str) -> str | None:
+    """The proxy the environment names for this URL (HTTPS_PROXY, NO_PROXY, ...), read once per template."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
+# Keyword arguments of the SDK's create() that are not part of the JSON body.
+_REQUEST_OPTIONS = ("extra_headers", "extra_query", "extra_body", "timeout")
+
+
+async def _session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    with _clients_lock:
+        found = _sessions.get(loop)
+        if found is not None and not found[0].closed:
+            return found[0]
+        # The engine bounds concurrency itself: the connector must not queue calls behind a pool limit.
+        # Proxies come from the templates: trust_env would look them up in a thread on every request.
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True))
+        closer = _close_at_loop_end(session)
+        _sessions[loop] = (session, closer)
+    # A loop closes its open async generators before it closes (asyncio.run does), so the session closes with
+    # the loop that owns it even when nobody calls close_clients().
+    await closer.__anext__()
+    return session
+
+
+async def _close_at_loop_end(session: aiohttp.ClientSession) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await session.close()
+
+
+async def _request_template(client: Any, path: str, model: str) -> _Template:
+    """The URL and headers the SDK would send for `path` and `model` (Azure routes deployments by model)."""
+    per_client = _templates.setdefault(client, {})
+    found = per_client.get((path, model))
+    if found is not None:
+        return found
+    options = FinalRequestOptions.construct(method="post", url=path, json_data={"model": model})
+    options = await client._prepare_options(options)
+    request = client._build_request(options)
+    await client._prepare_request(request)
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "host")}
+    http = importlib.import_module(type(request).__module__.split(".")[0])
+    found = _Template(str(request.url), headers, _env_proxy(str(request.url)), request, http)
+    per_client[(path, model)] = found
+    return found
+
+
+def _parse(cls: type[pydantic.BaseModel], raw: bytes | str) -> Any:
+    """The SDK model of a response body: validated when it conforms, else built leniently as the SDK does."""
+    try:
+        return cls.model_validate_json(raw)
+    except pydantic.ValidationError:
+        return construct_type(type_=cls, value=json.loads(raw))
+
+
+async def _direct_create(client: Any, api: str, params: Mapping[str, Any], timeout: float) -> Any:
+    """One chat or completion request over the loop's aiohttp session; errors are the SDK's exceptions."""
+    body = {k: v for k, v in params.items() if k not in _REQUEST_OPTIONS}
+    body.update(params.get("extra_body") or {})
+    path = "/completions" if api == "completion" else "/chat/completions"
+    template = await _request_template(client, path, str(body.get("model") or ""))
+    url, headers, http = template.url, template.headers, template.http
+    if params.get("extra_headers"):
+        headers = {**headers, **params["extra_headers"]}
+    request = template.request
+    if params.get("extra_query"):
+        url = str(http.URL(url).copy_merge_params(params["extra_query"]))
+        request = http.Request("POST", url)
+    stream = bool(body.get("stream"))
+    payload = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    limits = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+    try:
+        response = await (await _session()).post(
+            url, data=payload, headers=headers, timeout=limits, proxy=template.proxy
+        )
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise openai.APITimeoutError(request=request) from exc
+    except aiohttp.ClientError as exc:
+        raise openai.APIConnectionError(message=f"Connection error: {exc}", request=request) from exc
+    try:
+        if response.status >= 400 or not stream:
+            raw = await response.read()
+            if response.status >= 400:
+                error = http.Response(
+                    status_code=response.status,
+                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
+                    content=raw,
+                    request=request,
+                )
+                raise client._make_status_error_from_response(error)
+            response.release()
+            cls = Completion if api == "completion" else ChatCompletion
+            try:
+                return _parse(cls, raw)
+            except ValueError as exc:
+                raise openai.APIResponseValidationError(
+                    response=http.Response(status_code=response.status, content=raw, request=request),
+                    body=raw.decode("utf-8", "replace")[:500],
+                    message=f"The server's answer is not JSON: {exc}",
+                ) from None
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        response.close()
+        raise openai.APITimeoutError(request=request) from exc
+    except aiohttp.ClientError as exc:
+        response.close()
+        raise openai.APIConnectionError(message=f"Connection error: {exc}", request=request) from exc
+    except BaseException:
+        response.close()
+        raise
+    return DirectStream(response, Completion if api == "completion" else ChatCompletionChunk, request)
+
+
+class DirectStream:
+    """The chunks of a streamed answer, decoded with the SDK's SSE decoder, as the SDK's AsyncStream yields them."""
+
+    def __init__(self, response: aiohttp.ClientResponse, cls: type[pydantic.BaseModel], request: Any) -> None:
+        self.response = response
+        self._cls = cls
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        try:
+            async for sse in SSEDecoder().aiter_bytes(self.response.content.iter_any()):
+                if sse.data.startswith("[DONE]"):
+                    break
+                data = sse.json()
+                if isinstance(data, Mapping) and data.get("error"):
+                    error = data["error"]
+                    message = error.get("message") if isinstance(error, Mapping) else None
+                    raise openai.APIError(
+                        message=message
+                        if isinstance(message, str) and message
+                        else "An error occurred during streaming",
+                        request=self._request,
+                        body=error,
+                    )
+                yield _parse(self._cls, sse.data)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise openai.APITimeoutError(request=self._request) from exc
+        except aiohttp.ClientError as exc:
+            raise openai.APIConnectionError(
+                message=f"Connection error: {exc}", request=self._request
+            ) from exc
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop reading; the connection is dropped unless the answer was read to its end."""
+        if self.response.content.at_eof():
+            self.response.release()
+        else:
+            self.response.close()
 
 
 def stream_usage_option(conn: Connection, params: dict[str, Any]) -> None:
