@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
 
-    .venv/bin/python bench/serve_bench.py [--quick] [--workers N] [--duration S] [--soak S]
+    .venv/bin/python bench/serve_bench.py [--quick] [--workers N] [--duration S] [--soak S] [--reuse-peer]
 
 Both servers serve the same flow folders against the same fake LLM (tests/fakellm.py in its own process:
 300 ms to the first token, then 20 chunks x 5 ms) on loopback; the load generator is this process (aiohttp,
@@ -17,6 +17,9 @@ Measures and targets:
   no more than prompt flow's.
 - Accept: text/html: refused before the flow runs (no LLM call), where prompt flow calls the LLM first.
 - 200 concurrent SSE clients for 60 s (10 s with --quick): no error.
+
+`--reuse-peer` measures only ours and takes prompt flow's figures from the last bench/results/serve.json (the
+report says so), to save the machine a second server's load while working on ours.
 
 Writes bench/results/serve.md and bench/results/serve.json; exits 0 only when every target is met.
 """
@@ -279,23 +282,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every measure, both tools."""
     scratch = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     res: dict[str, Any] = {"args": vars(args), "ours": {}, "peer": {}}
+    sides = ("ours", "peer")
+    if args.reuse_peer:
+        path = RESULTS / "serve.json"
+        previous = json.loads(path.read_text())
+        res["peer"] = previous["peer"]
+        written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(path.stat().st_mtime))
+        res["peer_reused_from"] = previous.get("peer_reused_from") or previous.get("run_at") or written
+        sides = ("ours",)
+    res["run_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     try:
         flows = prepare_flows(scratch)
         with fake_llm_process() as fake:
             home = scratch / "fshome"
             create_our_connections(home, fake)
-            pf_home = PromptFlowHome(fake)
+            pf_home = PromptFlowHome(fake) if "peer" in sides else None
             try:
                 res["call_ms"] = round(call_time_ms(fake), 1)
                 res["ideal_64"] = round(64 / (res["call_ms"] / 1000), 1)
                 res["ideal_256"] = round(256 / (res["call_ms"] / 1000), 1)
                 json_body = {"question": "What is a flow?"}
-                for side in ("ours", "peer"):
+                for side in sides:
                     log(f"{side}: throughput of dag_llm")
                     server = (
                         serve_ours(flows["dag_llm"], home, args.workers)
                         if side == "ours"
-                        else pf_home.serve(flows["dag_llm"], "flask")
+                        else pf_home.serve(flows["dag_llm"], "flask")  # type: ignore[union-attr]
                     )
                     with server as url:
                         asyncio.run(closed_loop(url, 16, 2, 0, "application/json", json_body))
@@ -311,7 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     server = (
                         serve_ours(flows["dag_chat"], home, args.workers)
                         if side == "ours"
-                        else pf_home.serve(flows["dag_chat"], "fastapi")
+                        else pf_home.serve(flows["dag_chat"], "fastapi")  # type: ignore[union-attr]
                     )
                     with server as url:
                         asyncio.run(first_event_latency(url, fake, 3))
@@ -328,7 +340,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             res["ours"]["soak"] = soak
                             log(f"ours: soak {soak}")
             finally:
-                pf_home.close()
+                if pf_home is not None:
+                    pf_home.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return res
@@ -406,9 +419,14 @@ def write_report(res: dict[str, Any], rows: list[tuple[str, str, str, str, bool]
         f"Fake LLM: tests/fakellm.py in its own process, {TIMING['latency_ms']:g} ms to the first token then "
         f"{TIMING['tokens']} chunks x {TIMING['token_ms']:g} ms; one non-streamed call measured {res['call_ms']} ms, "
         f"so the ideal is {res['ideal_64']} req/s at 64 clients and {res['ideal_256']} at 256.",
-        f"Ours: `flowstudio flow serve --workers {res['args']['workers']}` (daphne, one warm runner pool). "
+        f"Ours: `flowstudio flow serve --workers {res['args']['workers']}` (aiohttp's HTTP server, one warm runner pool). "
         "Prompt flow: `pf flow serve` (Flask engine for throughput, FastAPI for SSE). Closed-loop aiohttp clients, "
         f"{res['args']['duration']:g} s per measure after a 2 s warm-up.",
+        *(
+            [f"Prompt flow's figures are reused from the run of {res['peer_reused_from']} (`--reuse-peer`)."]
+            if res.get("peer_reused_from")
+            else []
+        ),
         "",
         "| measure | Flow Studio | prompt flow | target | result |",
         "|---|---|---|---|---|",
@@ -462,6 +480,11 @@ def main() -> int:
     parser.add_argument("--soak", type=float, default=None, help="seconds of the SSE soak (default 60)")
     parser.add_argument(
         "--probes", type=int, default=None, help="sequential SSE requests per tool (default 20)"
+    )
+    parser.add_argument(
+        "--reuse-peer",
+        action="store_true",
+        help="measure only ours; take prompt flow's figures from the last results/serve.json",
     )
     args = parser.parse_args()
     args.duration = args.duration or (6.0 if args.quick else 15.0)

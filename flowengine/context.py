@@ -291,6 +291,8 @@ _install_lock = threading.Lock()
 
 def install_output_capture() -> None:
     """Route sys.stdout and sys.stderr through the node-aware streams (idempotent)."""
+    if isinstance(sys.stdout, _RoutedStream) and isinstance(sys.stderr, _RoutedStream):
+        return  # every line calls this: the common case takes no lock
     with _install_lock:
         if not isinstance(sys.stdout, _RoutedStream):
             sys.stdout = _RoutedStream(sys.stdout, "stdout")  # type: ignore[assignment]

@@ -2,8 +2,8 @@
 
 `ScoreApp` is framework-free: it is built from a flow folder, its connections and a `RunnerPool`, and answers
 `handle(method, path, headers, body)` with a `Response` (status, headers, and bytes or an async iterator of
-bytes). The studio mounts it behind its own authentication; `asgi_app` adapts it to ASGI and `serve` runs it
-with daphne for `flowstudio flow serve`.
+bytes). The studio mounts it behind its own authentication through `asgi_app` (ASGI); `serve` runs it for
+`flowstudio flow serve` on aiohttp's low-level HTTP server through `http_handler`.
 
 The contract is prompt flow's (`promptflow/core/_serving`): `POST /score` with the flow inputs as JSON; SSE
 (`data: {json}\\n\\n`, the non-stream outputs first, then one event per chunk) when `Accept` names
@@ -34,6 +34,11 @@ from flowengine.model import Flow, parse_reference
 SSE = "text/event-stream"
 JSON_TYPES = frozenset({"application/json", "application/*", "*/*"})
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+MAX_BODY = 32 * 1024 * 1024
+# Lines in flight per runner process, and threads per runner for sync tools (both bounded, both configurable);
+# each thread reserves a stack in the address space that the runner's memory limit counts.
+DEFAULT_CONCURRENCY = 512
+DEFAULT_SYNC_THREADS = 32
 JSON_CONTENT_TYPE = "application/json"
 # What the runner sends for a served line: nothing else crosses the pipe (trace spans are large).
 SERVED_EVENTS = ("stream_started", "output_chunk", "line_completed")
@@ -404,8 +409,10 @@ def _container_schema(schema: dict[str, Any]) -> None:
 class RunnerPool:
     """N warm runner processes of one flow, started once; each line goes to the least busy runner.
 
-    Every runner runs many lines at once on its own event loop, so a few processes serve hundreds of
-    concurrent requests. A runner that dies is restarted by its `RunnerProcess` on the next line.
+    Every runner runs many lines at once on its own event loop (up to `concurrency`; more wait in the runner),
+    so a few processes serve hundreds of concurrent requests: serving is I/O-bound, a line mostly waits for
+    its LLM call. Sync tools run in a thread pool per runner of `sync_threads` threads. A runner that dies is
+    restarted by its `RunnerProcess` on the next line.
     """
 
     def __init__(
@@ -418,7 +425,8 @@ class RunnerPool:
         init: Mapping[str, Any] | None = None,
         environment_variables: Mapping[str, str] | None = None,
         env_mode: str = "scrubbed",
-        concurrency: int = 512,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        sync_threads: int = DEFAULT_SYNC_THREADS,
         line_timeout: float | None = 300.0,
         **runner_kw: Any,
     ) -> None:
@@ -429,8 +437,10 @@ class RunnerPool:
         self.init = dict(init or {})
         self.environment_variables = dict(environment_variables or {})
         self.env_mode = env_mode
-        self.concurrency = concurrency
+        self.concurrency = max(1, int(concurrency))
         self.line_timeout = line_timeout
+        # Threads are started only as sync tools need them; a line blocked in one (a sync HTTP call) holds one.
+        runner_kw.setdefault("max_concurrency", max(1, min(int(sync_threads), self.concurrency)))
         self.runner_kw = runner_kw
         self.runners: list[Any] = []
         self._load: list[int] = []
@@ -760,7 +770,7 @@ ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-def asgi_app(app: ScoreApp, *, max_body: int = 32 * 1024 * 1024) -> Callable[..., Awaitable[None]]:
+def asgi_app(app: ScoreApp, *, max_body: int = MAX_BODY) -> Callable[..., Awaitable[None]]:
     """A plain ASGI 3 application around `app`; a client that disconnects cancels its line."""
 
     async def application(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -778,9 +788,7 @@ def asgi_app(app: ScoreApp, *, max_body: int = 32 * 1024 * 1024) -> Callable[...
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > max_body:
-                await _send_response(
-                    send, _error(413, "UserError", f"The request body exceeds {max_body} bytes.")
-                )
+                await _send_response(send, _body_too_large(max_body))
                 return
             chunks.append(chunk)
             if not message.get("more_body"):
@@ -867,6 +875,50 @@ async def _send_stream(send: ASGISend, response: Response, gone: asyncio.Future[
 # -- `flowstudio flow serve` -----------------------------------------------------------------------------------
 
 
+def http_handler(app: ScoreApp, *, max_body: int = MAX_BODY) -> Callable[[Any], Awaitable[Any]]:
+    """An aiohttp low-level request handler around `app`; `serve` runs it with handler cancellation on, so a
+    client that disconnects cancels its line."""
+    from aiohttp import web
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        declared = request.content_length
+        if declared is not None and declared > max_body:
+            return _aiohttp_response(_body_too_large(max_body))
+        chunks = []
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > max_body:
+                return _aiohttp_response(_body_too_large(max_body))
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        response = await app.handle(request.method, request.path, request.raw_headers, body)
+        if response.stream is None:
+            return _aiohttp_response(response)
+        out = web.StreamResponse(status=response.status, headers=response.headers)
+        try:
+            await out.prepare(request)
+            async for chunk in response.stream:
+                await out.write(chunk)
+            await out.write_eof()
+        finally:
+            # Also when the client left mid-stream (a failed write or the handler's cancellation).
+            await response.cancel()
+        return out
+
+    return handler
+
+
+def _body_too_large(max_body: int) -> Response:
+    return _error(413, "UserError", f"The request body exceeds {max_body} bytes.")
+
+
+def _aiohttp_response(response: Response) -> Any:
+    from aiohttp import web
+
+    return web.Response(status=response.status, body=response.body, headers=response.headers)
+
+
 def serve(
     flow: str | Path,
     *,
@@ -876,35 +928,39 @@ def serve(
     connections: Mapping[str, Any] | None = None,
     env_mode: str = "inherit",
     on_ready: Callable[[], None] | None = None,
+    backlog: int = 1024,
     **app_kw: Any,
 ) -> None:
-    """Serve one flow with daphne until interrupted; the runner pool starts before the port opens."""
-    # Importing daphne.server installs Twisted's asyncio reactor on its own loop: the runners must live there.
-    from daphne.endpoints import build_endpoint_description_strings
-    from daphne.server import Server, twisted_loop
+    """Serve one flow until interrupted (SIGINT or SIGTERM); the runner pool starts before the port opens.
 
-    score_app = ScoreApp(flow, connections=connections, workers=workers, env_mode=env_mode, **app_kw)
-    loop = twisted_loop
-    asyncio.set_event_loop(loop)
-    loop.run_until_complete(score_app.start())
+    The HTTP server is aiohttp's low-level one (C request parser, no per-request framework work): at a few
+    hundred requests in flight the web process then costs a fraction of a millisecond of CPU per request.
+    """
+    import signal
 
-    def ready() -> None:
-        if on_ready is not None:
-            on_ready()
+    from aiohttp import web
 
-    server = Server(
-        application=asgi_app(score_app),
-        endpoints=build_endpoint_description_strings(host=host, port=port),
-        signal_handlers=True,
-        http_timeout=None,
-        websocket_handshake_timeout=5,
-        ready_callable=ready,
-        verbosity=0,
-    )
-    try:
-        server.run()
-    finally:
-        loop.run_until_complete(score_app.close())
+    async def main() -> None:
+        score_app = ScoreApp(flow, connections=connections, workers=workers, env_mode=env_mode, **app_kw)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        server = web.Server(http_handler(score_app), handler_cancellation=True, access_log=None)
+        listener = None
+        try:
+            await score_app.start()
+            listener = await loop.create_server(server, host, port, backlog=backlog, reuse_address=True)
+            if on_ready is not None:
+                on_ready()
+            await stop.wait()
+        finally:
+            if listener is not None:
+                listener.close()
+                await server.shutdown(2.0)
+            await score_app.close()
+
+    asyncio.run(main())
 
 
 def cmd_flow_serve(args: argparse.Namespace) -> int:
@@ -914,6 +970,9 @@ def cmd_flow_serve(args: argparse.Namespace) -> int:
     from flowengine.cli import CLIError, _load_flow, _load_values, _local_connections, _parse_pairs
     from flowengine.runner_client import RunnerError
 
+    for option, value in (("--workers", args.workers), ("--concurrency", args.concurrency)):
+        if value < 1:
+            raise CLIError(f"{option} must be at least 1, not {value}")
     flow = _load_flow(args.flow)
     init = _load_values(args.init, "init")
     env = _parse_pairs(args.environment_variables, "--environment-variables")
@@ -933,6 +992,7 @@ def cmd_flow_serve(args: argparse.Namespace) -> int:
             init=init,
             environment_variables=env,
             line_timeout=args.line_timeout,
+            concurrency=args.concurrency,
             on_ready=ready,
         )
     except RunnerError as exc:
@@ -949,6 +1009,12 @@ def add_serve_parser(flow_commands: Any) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--workers", type=int, default=1, help="warm runner processes (default 1)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"requests in flight per runner process; more wait for a free slot (default {DEFAULT_CONCURRENCY})",
+    )
     p.add_argument("--init", nargs="+", help="flex init: name=value ... or a .json file")
     p.add_argument("--environment-variables", nargs="+", help="NAME=value ...")
     p.add_argument("--line-timeout", type=float, default=300.0, help="seconds per request (default 300)")

@@ -8,6 +8,7 @@ named in each assertion.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -303,8 +304,6 @@ def test_json_client_that_disconnects_stops_the_line(served: dict[str, str], tmp
 
 def test_many_concurrent_requests_share_one_warm_runner(served: dict[str, str], fake_llm: Any) -> None:
     """64 requests at once all reach the LLM together through one runner process."""
-    import asyncio
-
     # A long first token keeps every call open while all 64 lines are dispatched, even on a busy machine.
     fake_llm.config(latency_ms=1500)
 
@@ -342,3 +341,46 @@ async def test_every_response_names_the_deployment_and_snapshot() -> None:
     for resp in (ok, bad, missing, health):
         assert ("x-flowstudio-deployment", "blue") in resp.headers
         assert ("x-flowstudio-snapshot", "sha256:0123abcd") in resp.headers
+
+
+async def test_http_server_refuses_an_oversized_body_before_the_flow_runs() -> None:
+    """The HTTP handler of `flow serve` answers 413 in the error contract for a body over its limit."""
+    from aiohttp import web
+
+    from flowengine.serving import ScoreApp, http_handler
+
+    app = ScoreApp(CORPUS / "dag_basic", env_mode="inherit")
+    server = web.Server(http_handler(app, max_body=64), handler_cancellation=True, access_log=None)
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            big = await client.post(url + "/score", json={"text": "word " * 100})
+            ok = await client.post(url + "/score", json={"text": "a b"})
+            head = await client.head(url + "/health")
+    finally:
+        listener.close()
+        await server.shutdown(1.0)
+        await app.close()
+    assert big.status_code == 413
+    assert big.json()["error"]["code"] == "UserError"
+    assert "64 bytes" in big.json()["error"]["message"]
+    assert (ok.status_code, ok.headers["content-type"], ok.json()["words"]) == (200, "application/json", 2)
+    assert (head.status_code, head.content) == (200, b"")
+
+
+def test_serve_refuses_a_concurrency_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """`flow serve --concurrency 0` fails at once, naming the option."""
+    from flowengine.cli import main
+
+    assert main(["flow", "serve", "--flow", str(CORPUS / "dag_basic"), "--concurrency", "0"]) == 1
+    assert "--concurrency must be at least 1" in capsys.readouterr().err
+
+
+def test_runner_pool_sizes_sync_threads_for_io_bound_lines() -> None:
+    """A serving pool lets many lines wait in sync tools at once, bounded by its lines in flight."""
+    from flowengine.serving import DEFAULT_SYNC_THREADS, RunnerPool
+
+    assert RunnerPool(CORPUS / "dag_basic").runner_kw["max_concurrency"] == DEFAULT_SYNC_THREADS
+    assert RunnerPool(CORPUS / "dag_basic", concurrency=4).runner_kw["max_concurrency"] == 4
+    assert RunnerPool(CORPUS / "dag_basic", sync_threads=2).runner_kw["max_concurrency"] == 2
