@@ -2,6 +2,7 @@
 """Studio batch runs on real Celery workers, side by side with prompt flow's `pf run create`.
 
 usage: .venv/bin/python bench/runs_bench.py [--pf /tmp/pfpeer/bin/pf] [--pf-lines 300] [--big 20000] [--keep]
+                                           [--only one,two]
 
 Everything runs in a scratch folder with its own STUDIO_DATA_DIR (SQLite database, filesystem broker), or on
 PostgreSQL + Redis when DATABASE_URL / CELERY_BROKER_URL / REDIS_URL are set. The LLM flow is bench/flows/dag_llm
@@ -18,7 +19,8 @@ Measures (targets from issue 6):
 
 Lines/s is the whole run as a user sees it: from the submit call to the run reaching Completed (chunks are
 enqueued, claimed, executed and aggregated; workers are started and warmed up before). Writes
-bench/results/runs.md and runs.json. The exit status is 0 only when every target is met.
+bench/results/runs.md and runs.json. The exit status is 0 only when every target is met. `--only` runs some
+of the measures (pf, one, one128, two, memory; page needs memory) and prints them without touching the results.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ LINES = 2000
 LLM_TIMING = {"latency_ms": 300, "token_ms": 5, "tokens": 20}
 FAST_TIMING = {"latency_ms": 20, "token_ms": 0, "tokens": 20}
 MAPPING = {"question": "${data.question}"}
+MEASURES = ("pf", "one", "one128", "two", "memory", "page")
 
 
 def log(message: str) -> None:
@@ -241,7 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--big", type=int, default=20000)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument(
+        "--only",
+        type=lambda v: set(v.split(",")),
+        default=None,
+        help="comma-separated subset of " + ",".join(MEASURES),
+    )
     args = ap.parse_args(argv)
+    only = args.only or set(MEASURES)
+    if not only <= set(MEASURES):
+        ap.error(f"--only takes {', '.join(MEASURES)}, not {', '.join(sorted(only - set(MEASURES)))}")
 
     scratch = Path(tempfile.mkdtemp(prefix="flowstudio-runs-bench-"))
     os.environ["STUDIO_DATA_DIR"] = str(scratch / "data")
@@ -289,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         raw["call_latency_s"] = round(latency, 4)
         log(f"fake LLM call latency: {latency * 1000:.0f} ms")
 
-        if args.pf.exists():
+        if "pf" not in only:
+            pass
+        elif args.pf.exists():
             log(f"prompt flow: pf run create of {args.pf_lines} lines at its default settings")
             raw["pf"] = pf_run(args.pf, scratch, fake.url, args.pf_lines)
             log(f"prompt flow: {raw['pf']}")
@@ -297,26 +311,30 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{args.pf} not found: prompt flow's figure is the issue's 9.1 lines/s")
             raw["pf"] = {"lines": None, "wall_s": None, "lines_per_s": 9.1, "note": "issue 6 figure"}
 
-        workers.start()
-        run_and_wait(user, flow, warm)
-        log("one worker, default settings")
-        raw["one_default"] = run_and_wait(user, flow, small)
-        log(f"  {raw['one_default']}")
-        fake.reset()
-        log("one worker, 128 lines in flight (64 per pool process)")
-        raw["one_128"] = run_and_wait(user, flow, small, concurrency=64)
-        raw["one_128"]["max_inflight"] = fake.stats()["max_inflight"]
-        log(f"  {raw['one_128']}")
-        workers.start()
-        run_and_wait(user, flow, warm)
-        log("two workers, default settings")
-        raw["two_default"] = run_and_wait(user, flow, small)
-        log(f"  {raw['two_default']}")
+        if only & {"one", "one128", "two"}:
+            workers.start()
+            run_and_wait(user, flow, warm)
+        if "one" in only:
+            log("one worker, default settings")
+            raw["one_default"] = run_and_wait(user, flow, small)
+            log(f"  {raw['one_default']}")
+        if "one128" in only:
+            fake.reset()
+            log("one worker, 128 lines in flight (64 per pool process)")
+            raw["one_128"] = run_and_wait(user, flow, small, concurrency=64)
+            raw["one_128"]["max_inflight"] = fake.stats()["max_inflight"]
+            log(f"  {raw['one_128']}")
+        if "two" in only:
+            workers.start()
+            run_and_wait(user, flow, warm)
+            log("two workers, default settings")
+            raw["two_default"] = run_and_wait(user, flow, small)
+            log(f"  {raw['two_default']}")
         workers.stop_all()
 
         fake.config(FAST_TIMING)
         memory = {}
-        for label, ds in (("small", small), ("big", big)):
+        for label, ds in (("small", small), ("big", big)) if only & {"memory", "page"} else ():
             proc = workers.start()
             run_and_wait(user, flow, warm)
             with TreePeak(_treemon, proc.pid) as peak:
@@ -327,13 +345,20 @@ def main(argv: list[str] | None = None) -> int:
             log(f"memory {label}: {result}")
             workers.stop_all()
         raw["memory"] = memory
-        raw["first_page"] = first_page_ms(user, memory["big"]["run"])
-        log(f"first page: {raw['first_page']}")
+        if "page" in only:
+            raw["first_page"] = first_page_ms(user, memory["big"]["run"])
+            log(f"first page: {raw['first_page']}")
     finally:
         workers.stop_all()
         fake.stop()
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
+    if args.only:
+        if "one_default" in raw and "two_default" in raw:
+            ratio = raw["two_default"]["lines_per_s"] / raw["one_default"]["lines_per_s"]
+            log(f"two workers vs one: {ratio:.2f}x (target >= 1.8x)")
+        print(json.dumps(raw, indent=2))
+        return 0
     ok = write_report(raw)
     return 0 if ok else 1
 

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -296,10 +297,34 @@ def _default_name(flow_name: str, kind: str, variant: str | None) -> str:
     return name
 
 
+# Pool processes a run's chunks are likely spread over: one to four workers at the default pool size.
+CHUNK_SPREADS = (2, 4, 6, 8)
+# What starting and finishing a chunk (claim, runner hand-over, writes, the next message) costs, in waves.
+CHUNK_START_WAVES = 0.5
+
+
 def _chunk_size(total: int, concurrency: int) -> int:
-    """About 50 to 200 lines, in whole waves of the lines in flight (at least three) so no wave runs half empty."""
+    """About 50 to 200 lines, in whole waves of the lines in flight (at least three) so no wave runs half empty.
+
+    Of the few whole-wave sizes near that, the one whose chunks split most evenly over 2, 4, 6 or 8 pool
+    processes: 21 chunks on 4 processes take 6 rounds, the last with one chunk running alone, where 16
+    slightly larger chunks take 4 (a second worker then adds its full share).
+    """
     base = 50 if total <= 1000 else 100 if total <= 10000 else 200
-    waves = max(3, round(base / concurrency))
+    concurrency = max(1, concurrency)
+    least = max(3, round(base / concurrency))
+    waves_total = max(1, -(-total // concurrency))
+
+    def cost(waves: int) -> float:
+        chunks = -(-total // (waves * concurrency))
+        rounds = (-(-chunks // spread) for spread in CHUNK_SPREADS)
+        # Time to finish on each spread, relative to its ideal of every process busy all along.
+        return sum(
+            r * (waves + CHUNK_START_WAVES) * spread / waves_total
+            for r, spread in zip(rounds, CHUNK_SPREADS, strict=True)
+        )
+
+    waves = min(range(least, least + 3), key=lambda w: (round(cost(w), 6), w))
     return min(waves * concurrency, 2000)
 
 
@@ -1056,11 +1081,101 @@ class _RunnerSpec:
     line_timeout: float
 
 
-async def _runner_for(spec: _RunnerSpec) -> Any:
-    """The warm runner of this run in this process, or a new one (closing runners of other runs)."""
+def _new_runner(concurrency: int) -> Any:
+    """A runner process object (not yet spawned) with the studio's limits, `concurrency` lines at a time."""
     from flowengine.runner import Limits
     from flowengine.runner_client import RunnerProcess
 
+    limits = Limits(
+        memory_mb=int(_setting("STUDIO_RUNNER_MEMORY_MB", 1024)),
+        cpu_seconds=int(_setting("STUDIO_RUNNER_CPU_SECONDS", 600)),
+        open_files=1024,
+        file_size_mb=1024,
+    )
+    return RunnerProcess(
+        env_mode="scrubbed",
+        limits=limits,
+        line_timeout=float(_setting("STUDIO_RUNNER_TIMEOUT_SECONDS", DEFAULT_LINE_TIMEOUT)),
+        concurrency=max(concurrency, 1),
+        max_concurrency=min(concurrency, MAX_TOOL_THREADS),
+    )
+
+
+# A spare runner per worker process: by the time a new run's first chunk arrives it has imported the engine
+# and the LLM SDK, about a CPU second that every pool process would otherwise spend at once, at the start of
+# every run, while that run's lines wait. It holds no flow and no secret until `start` sends them. It is
+# started when the process starts, when it finishes its part of a run (the other processes are finishing
+# theirs, so there is CPU to spare) and after SPARE_IDLE_SECONDS without a chunk. Only touched on the loop
+# thread.
+SPARE_IDLE_SECONDS = 1.0
+_spare: Any = None
+_spare_timer: asyncio.TimerHandle | None = None
+_spare_tasks: set[asyncio.Task[None]] = set()
+_busy_chunks = 0
+
+
+def _spare_concurrency() -> int:
+    return max(1, min(int(_setting("STUDIO_RUN_CONCURRENCY", DEFAULT_CONCURRENCY)), MAX_CONCURRENCY))
+
+
+def _spawn_spare_soon(*, when_idle: bool) -> None:
+    task = asyncio.get_running_loop().create_task(_spawn_spare(when_idle=when_idle))
+    _spare_tasks.add(task)
+    task.add_done_callback(_spare_tasks.discard)
+
+
+async def _spawn_spare(*, when_idle: bool = True) -> None:
+    global _spare
+    if when_idle and _busy_chunks:
+        return
+    if _spare is not None and _spare.proc is not None and _spare.proc.returncode is None:
+        return
+    runner = _new_runner(_spare_concurrency())
+    try:
+        await runner.spawn()
+    except Exception:
+        logger.warning("could not start a spare runner; the next run starts its own", exc_info=True)
+        with contextlib.suppress(Exception):
+            await runner.close()
+        return
+    _spare = runner
+
+
+def _take_spare(concurrency: int) -> Any:
+    """The idle spare runner when it fits a run of `concurrency` lines in flight, else None."""
+    global _spare
+    spare, _spare = _spare, None
+    if spare is None:
+        return None
+    if spare.concurrency != max(concurrency, 1) or spare.proc is None or spare.proc.returncode is not None:
+        task = asyncio.get_running_loop().create_task(spare.close())
+        _spare_tasks.add(task)
+        task.add_done_callback(_spare_tasks.discard)
+        return None
+    return spare
+
+
+def _chunk_busy(delta: int) -> None:
+    """Count chunks executing in this process; once none has run for SPARE_IDLE_SECONDS, spawn a spare."""
+    global _busy_chunks, _spare_timer
+    _busy_chunks = max(0, _busy_chunks + delta)
+    if _spare_timer is not None:
+        _spare_timer.cancel()
+        _spare_timer = None
+    if not _busy_chunks:
+        _spare_timer = asyncio.get_running_loop().call_later(
+            SPARE_IDLE_SECONDS, lambda: _spawn_spare_soon(when_idle=True)
+        )
+
+
+def run_runner_prepare() -> None:
+    """Have a spare runner ready in this (idle, just started) worker process for the next run's first chunk."""
+    thread = _loop()
+    thread.loop.call_soon_threadsafe(_chunk_busy, 0)
+
+
+async def _runner_for(spec: _RunnerSpec) -> Any:
+    """The warm runner of this run in this process, or a new one (closing runners of other runs)."""
     warm = _warm.get(spec.key)
     if (
         warm is not None
@@ -1069,19 +1184,8 @@ async def _runner_for(spec: _RunnerSpec) -> Any:
     ):
         return warm.runner
     await _close_warm()
-    limits = Limits(
-        memory_mb=int(_setting("STUDIO_RUNNER_MEMORY_MB", 1024)),
-        cpu_seconds=int(_setting("STUDIO_RUNNER_CPU_SECONDS", 600)),
-        open_files=1024,
-        file_size_mb=1024,
-    )
-    runner = RunnerProcess(
-        env_mode="scrubbed",
-        limits=limits,
-        line_timeout=spec.line_timeout,
-        concurrency=max(spec.concurrency, 1),
-        max_concurrency=min(spec.concurrency, MAX_TOOL_THREADS),
-    )
+    runner = _take_spare(spec.concurrency) or _new_runner(spec.concurrency)
+    runner.line_timeout = spec.line_timeout
     try:
         await runner.start(
             spec.flow_dir,
@@ -1403,9 +1507,12 @@ def run_execute_chunk(*, chunk_id: int, task_id: str = "") -> None:
         return
     chunk, token = claim
     run = chunk.run
+    loop = _loop().loop
+    loop.call_soon_threadsafe(_chunk_busy, 1)
     try:
         _execute_claimed(run, chunk, token)
     finally:
+        loop.call_soon_threadsafe(_chunk_busy, -1)
         # A long-lived worker must not keep a broken connection for the next task.
         db_connection.close_if_unusable_or_obsolete()
 
@@ -1481,6 +1588,11 @@ def _execute_claimed(run: Run, chunk: RunChunk, token: str) -> None:
         if stopped:
             _stop_execution(run, chunk, token, future)
             return
+        if not RunChunk.objects.filter(run_id=run.pk, status=ChunkStatus.QUEUED).exists():
+            # Nothing left to hand out: this process is done with the run, so it starts the next run's spare
+            # runner now (while other processes finish their last lines) rather than when that run's first
+            # chunk would wait for it, which may be right after this run completes (evaluations, scripts).
+            _loop().loop.call_soon_threadsafe(functools.partial(_spawn_spare_soon, when_idle=False))
         try:
             future.result()
         except RunnerError as exc:
@@ -1747,6 +1859,39 @@ def run_reap_stale(*, stale_after: float | None = None, requeue_after: float | N
             acted += 1
             transaction.on_commit(lambda r=run.pk: _enqueue_aggregate(r))
     return acted
+
+
+def run_resend_queued(*, enqueued_before: dt.datetime, reason: str) -> int:
+    """Send a new message for every queued chunk of an active run enqueued before `enqueued_before`.
+
+    For a broker that lost its messages (a restart without persistence): those chunks stay Queued in the
+    database and nothing else would bring them back before STUDIO_RUN_REQUEUE_SECONDS. A chunk whose old
+    message survived is still executed once (claims are conditional). Returns how many chunks were sent.
+    """
+    from runs_app.tasks import run_chunk_task
+
+    now = timezone.now()
+    active = [RunStatus.QUEUED, RunStatus.PREPARING, RunStatus.RUNNING]
+    waiting = RunChunk.objects.filter(status=ChunkStatus.QUEUED, run__status__in=active).filter(
+        Q(enqueued_at__lt=enqueued_before) | Q(enqueued_at__isnull=True)
+    )
+    sent: dict[Any, list[int]] = {}
+    for chunk in waiting.only("pk", "run_id", "index", "enqueued_at").order_by("run_id", "index"):
+        task_id = uuid.uuid4().hex
+        # Another worker that reconnected at the same time may have sent it already: only one wins.
+        if RunChunk.objects.filter(
+            pk=chunk.pk, status=ChunkStatus.QUEUED, enqueued_at=chunk.enqueued_at
+        ).update(enqueued_at=now, task_id=task_id):
+            run_chunk_task.apply_async((chunk.pk,), task_id=task_id)
+            sent.setdefault(chunk.run_id, []).append(chunk.index)
+    for run_id, indexes in sent.items():
+        RunLog.objects.create(
+            run_id=run_id,
+            time=now,
+            stream="system",
+            text=f"chunks {', '.join(map(str, indexes))} sent again: {reason}",
+        )
+    return sum(len(indexes) for indexes in sent.values())
 
 
 _reaper_started = False

@@ -201,6 +201,12 @@ CELERY_RESULT_EXPIRES = 3600
 CELERY_WORKER_CONCURRENCY = env_int("STUDIO_WORKER_CONCURRENCY", 2, minimum=1)
 # A pool process killed mid-chunk is noticed after this many seconds and its task redelivered.
 CELERY_WORKER_LOST_WAIT = 2.0
+# A worker waits for its broker as long as it takes (at start and after a broker restart) instead of exiting.
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+# Chunks that run when the broker connection drops keep running: their results go to the database, not the
+# broker. Cancelling them would only leave them to the reaper once their heartbeat is stale.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 
 # Batch runs: lines in flight per run, and the heartbeat / reaper timings of chunks.
 STUDIO_RUN_CONCURRENCY = env_int("STUDIO_RUN_CONCURRENCY", 32, minimum=1)

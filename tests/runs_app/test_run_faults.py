@@ -80,7 +80,9 @@ def test_kill_9_of_worker_processes_leaves_exactly_one_result_per_line(owner, ru
     assert _outputs(run) == _outputs(undisturbed)
     assert run.metrics == undisturbed.metrics == {"sum": sum(i * i for i in range(2000)), "lines": 2000}
     assert run.failed_lines == 0
-    assert sum(RunChunk.objects.filter(run=run).values_list("attempts", flat=True)) >= 20 + 3
+    chunks = RunChunk.objects.filter(run=run)
+    # Each chunk ran at least once and each kill cost one more attempt.
+    assert sum(chunks.values_list("attempts", flat=True)) >= chunks.count() + 3
 
 
 def test_a_line_that_kills_its_runner_fails_after_three_deaths_and_the_rest_complete(owner, run_workers):

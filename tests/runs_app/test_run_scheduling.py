@@ -1,0 +1,107 @@
+"""How a run is cut into chunks, and the spare runner a worker process keeps for the next run's first chunk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from runs_app import services
+from runs_app.models import LineResult, Run, RunChunk, RunStatus
+from tests.runs_app.conftest import jsonl, square_files, wait_for
+
+
+def _rounds(chunks: int, processes: int) -> int:
+    return -(-chunks // processes)
+
+
+def test_a_2000_line_run_at_32_in_flight_splits_evenly_over_two_and_four_pool_processes():
+    size = services._chunk_size(2000, 32)
+    chunks = -(-2000 // size)
+
+    # 21 chunks of 96 took 11 rounds on 2 processes but 6 on 4: the second worker's share went to one chunk
+    # running alone at the end. Whole rounds on both means the second worker halves the time.
+    assert size % 32 == 0 and size // 32 >= 3
+    assert _rounds(chunks, 2) == 2 * _rounds(chunks, 4)
+    assert chunks % 4 == 0
+
+
+@pytest.mark.parametrize("total", [1, 10, 200, 1000, 2000, 5000, 20000, 100000])
+@pytest.mark.parametrize("concurrency", [1, 4, 32, 64, 128])
+def test_chunks_are_whole_waves_of_at_least_three_and_at_most_2000_lines(total, concurrency):
+    size = services._chunk_size(total, concurrency)
+
+    assert size <= 2000
+    if concurrency * 3 <= 2000:
+        assert size % concurrency == 0 and size // concurrency >= 3
+
+
+def test_run_create_stores_the_chunk_size_and_chunks_that_cover_every_line_once(db, owner):
+    from flows_app.services import flow_create
+
+    flow = flow_create(owner=owner, name="square", files=square_files())
+    dataset = services.dataset_create(
+        owner=owner, name="numbers", filename="numbers.jsonl", data=jsonl([{"x": i} for i in range(2000)])
+    )
+
+    run = services.run_create(user=owner, flow_version=flow.head, dataset=dataset, column_mapping={})
+
+    chunks = list(RunChunk.objects.filter(run=run).order_by("index"))
+    assert run.chunk_size == services._chunk_size(2000, run.concurrency)
+    assert [(c.start, c.stop) for c in chunks] == [
+        (start, min(start + run.chunk_size, 2000)) for start in range(0, 2000, run.chunk_size)
+    ]
+
+
+def _runners_of(pids: list[int]) -> list[int]:
+    """Runner processes whose parent is one of `pids`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if parent in pids and b"flowengine.runner" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_an_idle_worker_process_keeps_a_spare_runner_that_the_next_run_starts_on(owner, run_workers):
+    from flows_app.services import flow_create
+
+    flow = flow_create(owner=owner, name="square", files=square_files())
+    dataset = services.dataset_create(
+        owner=owner, name="numbers", filename="numbers.jsonl", data=jsonl([{"x": i} for i in range(20)])
+    )
+    worker = run_workers.start(concurrency=1)
+    wait_for(lambda: worker.children(), timeout=60, what="the pool process", logs=run_workers.logs)
+    pool = worker.children()
+
+    spare = wait_for(
+        lambda: _runners_of(pool),
+        timeout=30,
+        what="a spare runner in the idle pool process",
+        logs=run_workers.logs,
+    )
+    run = services.run_create(user=owner, flow_version=flow.head, dataset=dataset, column_mapping={})
+
+    def finished() -> Run | None:
+        run.refresh_from_db()
+        return run if run.status == RunStatus.COMPLETED else None
+
+    wait_for(finished, timeout=60, what="the run to complete", logs=run_workers.logs)
+    assert LineResult.objects.filter(run=run).count() == 20
+    # The one pool process ran the run on its spare (closed with the run) and keeps a new spare for the next.
+    wait_for(
+        lambda: not any(os.path.exists(f"/proc/{pid}") for pid in spare),
+        timeout=30,
+        what="the run's runner, the former spare, to be closed",
+        logs=run_workers.logs,
+    )
+    wait_for(lambda: _runners_of(pool), timeout=30, what="a new spare runner", logs=run_workers.logs)
