@@ -5,7 +5,7 @@ Builds the flow in a scratch SQLite database (a real database, migrated from scr
 STUDIO_DATA_DIR) through the storage services, one version per saved file as the editor makes them, then
 measures server time in-process with Django's test client (no network):
 
-  (a) the history page `flows:history` of the flow (target <= 200 ms);
+  (a) the history page `flows:history` of the flow, its first and its last page (target <= 200 ms);
   (b) the diff page `flows:diff` between two adjacent versions and between versions 100 and 200 (target
       <= 200 ms); the first request for a pair also materialises both snapshots, reported apart as "cold";
   (c) the same reads through the selector and service alone (flow_versions_for, flow_version_diff);
@@ -189,7 +189,17 @@ def run(reps: int) -> tuple[str, bool]:
     pairs = [(VERSIONS - 1, VERSIONS), (VERSIONS // 2, VERSIONS)]
     measures: list[tuple[str, Callable[[], Any], bool]] = []
     if pages:
-        measures.append((f"(a) history page `flows:history`, {VERSIONS} versions", page(history_url), True))
+        # The history is paged (newest first); the first page is the one people open, the last the oldest rows.
+        measures.append(
+            (f"(a) history page `flows:history`, {VERSIONS} versions, first page", page(history_url), True)
+        )
+        measures.append(
+            (
+                f"(a) history page `flows:history`, {VERSIONS} versions, last page",
+                page(f"{history_url}?page=999"),
+                True,
+            )
+        )
         for a, b in pairs:
             measures.append(
                 (f"(b) diff page `flows:diff` v{a} -> v{b}", page(f"{diff_url}?a={a}&b={b}"), True)

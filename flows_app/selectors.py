@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
 
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import Case, CharField, Exists, OuterRef, Prefetch, Q, QuerySet, Value, When
+from django.core.paginator import Page, Paginator
+from django.db.models import Case, CharField, Exists, F, OuterRef, Prefetch, Q, QuerySet, Value, When
 from django.http import Http404
 
 from flows_app.models import Connection, Flow, FlowShare, FlowTest, FlowVersion, Snapshot
@@ -76,6 +77,9 @@ def connection_map_for_runner(
 
 
 # --- flows ------------------------------------------------------------------------------------------
+
+# Rows per page of a flow's history.
+HISTORY_PER_PAGE = 50
 
 ROLE_RANK = {"viewer": 1, "editor": 2, "owner": 3}
 
@@ -185,9 +189,7 @@ def flow_version_get_for(
     return version
 
 
-def flow_versions_for(user: AbstractBaseUser | AnonymousUser, flow_id: int) -> QuerySet[FlowVersion]:
-    """A flow's history, newest first, with author, based-on number, file count and size; manifests left out."""
-    flow = flow_get_for(user, flow_id)
+def _history_rows(flow: Flow) -> QuerySet[FlowVersion]:
     return (
         FlowVersion.objects.filter(flow=flow)
         .select_related("author", "based_on", "snapshot")
@@ -207,6 +209,78 @@ def flow_versions_for(user: AbstractBaseUser | AnonymousUser, flow_id: int) -> Q
         )
         .order_by("-number")
     )
+
+
+def flow_versions_for(user: AbstractBaseUser | AnonymousUser, flow_id: int) -> QuerySet[FlowVersion]:
+    """A flow's history, newest first, with author, based-on number, file count and size; manifests left out."""
+    return _history_rows(flow_get_for(user, flow_id))
+
+
+def flow_history_for(
+    user: AbstractBaseUser | AnonymousUser,
+    flow_id: int,
+    *,
+    page: int | str | None = None,
+    per_page: int | None = None,
+) -> tuple[Flow, Page[dict[str, Any]]]:
+    """The flow and one page of its history, newest first (page 1 holds the head), in a fixed number of queries.
+
+    Each row is a dict: number, previous_number, message, created_at, author_name, based_on_number,
+    file_count, total_size.
+
+    `per_page` defaults to HISTORY_PER_PAGE. A page number past the end gives the last page, one that is not a
+    number the first.
+    """
+    flow = flow_get_for(user, flow_id)
+    # Plain rows of just the shown columns: a page renders them without building model instances.
+    rows = (
+        FlowVersion.objects.filter(flow=flow)
+        .order_by("-number")
+        .values("number", "message", "created_at")
+        .annotate(
+            previous_number=F("number") - 1,
+            author_name=F("author__username"),
+            based_on_number=F("based_on__number"),
+            file_count=F("snapshot__file_count"),
+            total_size=F("snapshot__total_size"),
+        )
+    )
+    return flow, Paginator(rows, per_page or HISTORY_PER_PAGE).get_page(page)
+
+
+class VersionPair(NamedTuple):
+    """Two versions of one flow to compare, and every version number of the flow (newest first) to pick from."""
+
+    flow: Flow
+    old: FlowVersion
+    new: FlowVersion
+    numbers: list[int]
+
+
+def flow_version_pair_for(
+    user: AbstractBaseUser | AnonymousUser, flow_id: int, *, a: int | None, b: int | None
+) -> VersionPair:
+    """Versions `a` and `b` of a flow the user may see, with snapshots and authors; Http404 when one is missing.
+
+    `b` defaults to the head and `a` to the version before `b` (or `b` itself for a flow of one version).
+    """
+    flow = flow_get_for(user, flow_id)
+    if b is None:
+        if flow.head_id is None:
+            raise Http404("This flow has no versions.")
+        b = flow.head.number
+    if a is None:
+        a = max(b - 1, 1)
+    found = {
+        v.number: v
+        for v in FlowVersion.objects.select_related("snapshot", "author").filter(flow=flow, number__in={a, b})
+    }
+    for number in (a, b):
+        if number not in found:
+            raise Http404(f"Flow '{flow.name}' has no version {number}.")
+        found[number].flow = flow
+    numbers = list(FlowVersion.objects.filter(flow=flow).order_by("-number").values_list("number", flat=True))
+    return VersionPair(flow, found[a], found[b], numbers)
 
 
 def flow_shares_for(user: AbstractBaseUser | AnonymousUser, flow_id: int) -> QuerySet[FlowShare]:

@@ -34,10 +34,10 @@ from flows_app.selectors import (
     connection_get_for,
     connection_list_for,
     flow_get_for,
+    flow_history_for,
     flow_list_for,
     flow_shares_for,
     flow_version_get_for,
-    flow_versions_for,
     flows_with_shares,
 )
 from flows_app.services import (
@@ -562,20 +562,27 @@ def flow_structure_add(request: HttpRequest, pk: int, what: str) -> HttpResponse
 @login_required
 @require_GET
 def flow_history(request: HttpRequest, pk: int) -> HttpResponse:
-    """Every version with author, time and message; pick two to compare, or restore one."""
-    flow = flow_get_for(request.user, pk)
-    versions = flow_versions_for(request.user, pk)
-    return render(
-        request, HISTORY, {"flow": flow, "versions": versions, "can_edit": flow.role in ("owner", "editor")}
-    )
+    """A page of versions, newest first, to compare or restore; the page is in the URL, htmx gets the table."""
+    flow, page = flow_history_for(request.user, pk, page=request.GET.get("page"))
+    context = {
+        "flow": flow,
+        "page": page,
+        "versions": list(page.object_list),
+        "can_edit": flow.role in ("owner", "editor"),
+    }
+    return render(request, f"{HISTORY}#versions" if request.htmx else HISTORY, context)
 
 
 @login_required
 @require_GET
 def flow_diff(request: HttpRequest, pk: int) -> HttpResponse:
-    """File-level unified diffs and the DAG diff between versions `a` and `b`."""
+    """File-level unified diffs and the DAG diff between versions `a` and `b`; `full=1` expands large diffs."""
     context = authoring.diff_context(
-        request.user, pk, a=_int(request.GET.get("a")), b=_int(request.GET.get("b"))
+        request.user,
+        pk,
+        a=_int(request.GET.get("a")),
+        b=_int(request.GET.get("b")),
+        full=request.GET.get("full") == "1",
     )
     return render(request, DIFF, context)
 
