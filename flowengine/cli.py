@@ -753,4 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m flowengine.cli`: run the importable module's main, so that the errors other modules raise
+    # (they import flowengine.cli) are the classes main() catches, not copies in __main__.
+    from flowengine.cli import main as _main
+
+    sys.exit(_main())

@@ -342,3 +342,11 @@ def test_variants_and_single_node_tests(cli, tmp_path):
     assert json.loads(cli("run", "show-details", "-n", summary["name"], "--json").stdout)[0]["outputs"] == {
         "out": "AB"
     }
+
+
+def test_an_error_raised_outside_the_cli_module_is_a_one_line_message(cli):
+    result = cli(
+        "flow", "serve", "--flow", str(ROOT / "bench" / "flows" / "dag_llm"), "--workers", "0", check=False
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --workers must be at least 1, not 0"
