@@ -158,6 +158,20 @@ def run_and_wait(
     wall = time.perf_counter() - started
     run.refresh_from_db()
     lines = LineResult.objects.filter(run=run)
+    origin = run.created_at
+
+    def since(moment: Any) -> float | None:
+        return None if moment is None else round((moment - origin).total_seconds(), 2)
+
+    # Where the time goes: each chunk's enqueue, claim and finish, in seconds since the run was created.
+    timeline = {
+        "started": since(run.started_at),
+        "finished": since(run.finished_at),
+        "chunks": [
+            [c.index, c.worker.rsplit("@", 1)[0][-12:], since(c.claimed_at), since(c.finished_at)]
+            for c in run.chunks.order_by("index")
+        ],
+    }
     return {
         "run": str(run.pk),
         "name": run.name,
@@ -170,6 +184,7 @@ def run_and_wait(
         "wall_s": round(wall, 3),
         "lines_per_s": round(run.total_lines / wall, 2),
         "server_s": round((run.finished_at - run.started_at).total_seconds(), 3) if run.started_at else None,
+        "timeline": timeline,
     }
 
 

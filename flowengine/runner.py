@@ -4,7 +4,7 @@ Requests arrive one per line on stdin and replies leave one per line on a privat
 stdout, so nothing the flow's code prints can corrupt the protocol:
 
     {"op": "init", "id": "init", "flow_dir": ..., "connections": {name: Connection dict}, "variant": ...,
-     "init": {...}, "environment_variables": {...}}
+     "init": {...}, "environment_variables": {...}, "concurrency": lines in flight, "max_concurrency": threads}
     {"op": "line", "id": "...", "inputs": {...}, "line_number": N, "stream": bool, "node": null}
     {"op": "aggregate", "id": "...", "results": [LineCompleted dicts]}
     {"op": "cancel", "id": "..."}
@@ -264,6 +264,10 @@ class Runner:
         from flowengine import events
 
         try:
+            if request.get("concurrency"):
+                # No line runs before init, so the bound can still change: a runner spawned ahead of its run
+                # (a spare) takes the run's own.
+                self.semaphore = asyncio.Semaphore(max(1, int(request["concurrency"])))
             self.executor = self._build_executor(request)
             # What is loaded by now (engine, LLM SDK, flow) lives as long as the runner: keep it out of the
             # collector's full passes, which otherwise stall every line in flight for a few hundred ms.

@@ -271,6 +271,7 @@ class RunnerProcess:
             "variant": variant,
             "init": dict(init or {}),
             "environment_variables": dict(environment_variables or {}),
+            "concurrency": self.concurrency,
             "max_concurrency": self.max_concurrency,
         }
         if self.total_timeout is not None:

@@ -1142,16 +1142,18 @@ async def _spawn_spare(*, when_idle: bool = True) -> None:
 
 
 def _take_spare(concurrency: int) -> Any:
-    """The idle spare runner when it fits a run of `concurrency` lines in flight, else None."""
+    """The idle spare runner, set up for a run of `concurrency` lines in flight (sent with its flow), or None."""
     global _spare
     spare, _spare = _spare, None
     if spare is None:
         return None
-    if spare.concurrency != max(concurrency, 1) or spare.proc is None or spare.proc.returncode is not None:
+    if spare.proc is None or spare.proc.returncode is not None:
         task = asyncio.get_running_loop().create_task(spare.close())
         _spare_tasks.add(task)
         task.add_done_callback(_spare_tasks.discard)
         return None
+    spare.concurrency = max(concurrency, 1)
+    spare.max_concurrency = min(spare.concurrency, MAX_TOOL_THREADS)
     return spare
 
 

@@ -253,3 +253,26 @@ async def test_streamed_chunks_reach_the_parent_within_milliseconds(tmp_path):
     assert len(delays) == 30
     delays.sort()
     assert delays[len(delays) // 2] < 5.0, delays
+
+
+NAPPING_PY = """
+import asyncio
+
+
+async def act(action: str, size_mb: int = 0):
+    await asyncio.sleep(0.5)
+    return action
+"""
+
+
+async def test_a_runner_spawned_ahead_takes_the_lines_in_flight_its_flow_is_started_with(tmp_path):
+    async with RunnerProcess(concurrency=1) as rp:
+        await rp.spawn()
+        rp.concurrency = 4
+        await rp.start(make_flow(tmp_path, NAPPING_PY))
+        started = time.monotonic()
+        done = await asyncio.gather(*(last_event(rp, action=f"a{i}") for i in range(4)))
+        took = time.monotonic() - started
+    assert [d.status for d, _ in done] == ["Completed"] * 4
+    # One at a time would take 2 s.
+    assert took < 1.5
