@@ -56,6 +56,11 @@
     // A new status changes the actions, timings and error shown: fetch the server's rendering of them.
     if (progress.status && progress.status !== box.getAttribute("data-status")) {
       box.setAttribute("data-status", progress.status);
+      var pill = box.querySelector("[data-progress-status]");
+      if (pill) {
+        pill.textContent = progress.status;
+        pill.setAttribute("data-status", progress.status);
+      }
       refreshStatus();
     }
   }
