@@ -1833,16 +1833,7 @@ def run_reap_stale(*, stale_after: float | None = None, requeue_after: float | N
                 text=f"chunk {chunk.index}: worker {chunk.worker} stopped heartbeating; requeued",
             )
             transaction.on_commit(lambda c=chunk.pk, t=task_id: run_chunk_task.apply_async((c,), task_id=t))
-    waiting = RunChunk.objects.filter(status=ChunkStatus.QUEUED, run__status__in=active).filter(
-        Q(enqueued_at__lt=lost) | Q(enqueued_at__isnull=True)
-    )
-    for chunk in waiting:
-        task_id = uuid.uuid4().hex
-        if RunChunk.objects.filter(
-            pk=chunk.pk, status=ChunkStatus.QUEUED, enqueued_at=chunk.enqueued_at
-        ).update(enqueued_at=now, task_id=task_id):
-            acted += 1
-            transaction.on_commit(lambda c=chunk.pk, t=task_id: run_chunk_task.apply_async((c,), task_id=t))
+    acted += run_resend_queued(enqueued_before=lost, reason="no worker took them; their messages may be lost")
     for run_id in Run.objects.filter(status=RunStatus.CANCELING).values_list("pk", flat=True):
         acted += int(_finish_cancel(run_id))
     # Every chunk done but no live aggregation: the worker that claimed it died, or nobody claimed it.
