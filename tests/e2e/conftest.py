@@ -65,6 +65,21 @@ class RunningStudio:
             time.sleep(0.1)
         raise AssertionError(f"runstudio never printed {pattern.pattern!r}:\n{self.output()[-5000:]}")
 
+    def shell(self, code: str, *, timeout: float = 120, **env: str) -> str:
+        """Run Python `code` in `manage.py shell` on this studio's data (embedded default); returns its stdout."""
+        environ = {k: v for k, v in os.environ.items() if k not in SCALE_OUT_VARIABLES}
+        environ.update(env, STUDIO_DATA_DIR=str(self.data_dir))
+        done = subprocess.run(
+            [sys.executable, "manage.py", "shell", "-c", code],
+            cwd=REPO,
+            env=environ,
+            check=True,
+            timeout=timeout,
+            capture_output=True,
+            text=True,
+        )
+        return done.stdout
+
 
 def start_studio(data_dir: Path, port: int) -> RunningStudio:
     """Start `manage.py runstudio` on a private data dir and port, draining its output in a thread."""

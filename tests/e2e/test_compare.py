@@ -8,14 +8,10 @@ of each) are made through the studio's services with bulk-created line results; 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from tests.e2e.conftest import REPO, SCALE_OUT_VARIABLES
 from tests.e2e.test_first_user import ensure_admin
 from tests.runs_app.compare_data import output_of
 
@@ -35,18 +31,8 @@ def _seed_runs(studio, prefix: str) -> dict:
         "print('SEEDED ' + json.dumps({k: {'id': str(r.pk), 'name': r.name, 'metrics': r.metrics}\n"
         "    for k, r in zip(('v0', 'v1', 'e0', 'e1'), built.all)}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in SCALE_OUT_VARIABLES}
-    env.update(STUDIO_DATA_DIR=str(studio.data_dir), SEED_LINES=str(LINES), SEED_PREFIX=prefix)
-    done = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", code],
-        cwd=REPO,
-        env=env,
-        check=True,
-        timeout=180,
-        capture_output=True,
-        text=True,
-    )
-    line = next(line for line in done.stdout.splitlines() if line.startswith("SEEDED "))
+    stdout = studio.shell(code, timeout=180, SEED_LINES=str(LINES), SEED_PREFIX=prefix)
+    line = next(line for line in stdout.splitlines() if line.startswith("SEEDED "))
     return json.loads(line[len("SEEDED ") :])
 
 

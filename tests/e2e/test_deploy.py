@@ -9,16 +9,12 @@ local fake with a per-token delay, so the answer visibly grows.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 from playwright.sync_api import expect
 
-from tests.e2e.conftest import REPO, SCALE_OUT_VARIABLES
 from tests.e2e.test_first_user import ensure_admin
 
 pytestmark = pytest.mark.e2e
@@ -56,18 +52,8 @@ def _seed_finished_run(studio, base_url: str) -> str:
         "                 column_mapping={'question': '${data.question}', 'chat_history': '${data.chat_history}'})\n"
         "print('RUN', run.pk)\n"
     ).replace("BASE_URL", repr(base_url))
-    env = {k: v for k, v in os.environ.items() if k not in SCALE_OUT_VARIABLES}
-    env.update(STUDIO_DATA_DIR=str(studio.data_dir))
-    done = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", code],
-        cwd=REPO,
-        env=env,
-        check=True,
-        timeout=120,
-        capture_output=True,
-        text=True,
-    )
-    return re.search(r"RUN ([0-9a-f-]{36})", done.stdout).group(1)
+    stdout = studio.shell(code)
+    return re.search(r"RUN ([0-9a-f-]{36})", stdout).group(1)
 
 
 def _wait_completed(page, url: str, timeout: float = 90) -> None:

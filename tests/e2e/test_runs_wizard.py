@@ -7,17 +7,13 @@ must move without a reload, once over the websocket and once with websockets una
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
 
-from tests.e2e.conftest import REPO, SCALE_OUT_VARIABLES
 from tests.e2e.test_first_user import ensure_admin
 
 pytestmark = pytest.mark.e2e
@@ -71,11 +67,7 @@ def _seed_flow(studio) -> None:
         "    files = {k: v.encode() for k, v in json.loads(os.environ['SEED_FILES']).items()}\n"
         "    flow_create(owner=owner, name='slow_shout', files=files)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in SCALE_OUT_VARIABLES}
-    env.update(STUDIO_DATA_DIR=str(studio.data_dir), SEED_FILES=json.dumps(FLOW_FILES))
-    subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", code], cwd=REPO, env=env, check=True, timeout=120
-    )
+    studio.shell(code, SEED_FILES=json.dumps(FLOW_FILES))
 
 
 def _watch_progress(page, timeout: float = 120) -> tuple[list[str], bool]:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, SCALE_OUT_VARIABLES
 from tests.e2e.test_first_user import ensure_admin
 
 pytestmark = pytest.mark.e2e
@@ -57,18 +56,8 @@ def _seed(studio, base_url: str) -> int:
         "flow = flow or flow_create_from_template(owner=owner, name='chat e2e', template='chat')\n"
         "print('FLOW', flow.pk)\n"
     ).replace("BASE_URL", repr(base_url))
-    env = {k: v for k, v in os.environ.items() if k not in SCALE_OUT_VARIABLES}
-    env.update(STUDIO_DATA_DIR=str(studio.data_dir))
-    done = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", code],
-        cwd=REPO,
-        env=env,
-        check=True,
-        timeout=120,
-        capture_output=True,
-        text=True,
-    )
-    return int(re.search(r"FLOW (\d+)", done.stdout).group(1))
+    stdout = studio.shell(code)
+    return int(re.search(r"FLOW (\d+)", stdout).group(1))
 
 
 def _cli_answer(tmp: Path, base_url: str, question: str, history: list) -> str:
