@@ -243,23 +243,16 @@ def _version_options(numbers: list[int], selected: int) -> SafeString:
     )
 
 
-def diff_context(
-    user: AbstractBaseUser, flow_id: int, *, a: int | None, b: int | None, full: bool = False
-) -> dict[str, Any]:
-    """File diffs and the DAG diff from version `a` to version `b` (default: the one before the head, the head).
+def file_changes_shown(files: list[dict[str, Any]], *, budget: int | None = None) -> list[dict[str, Any]]:
+    """The changed files of a flow_version_diff with their rows, counts and rendered diff tables.
 
-    Diffs are rendered in path order until DIFF_PAGE_ROWS rows; later files come collapsed (with their counts)
-    behind a "show full diff" link, unless `full`.
+    Files are rendered in order until `budget` rows; later ones come collapsed (counts only). None: no limit.
     """
-    flow, old, new, numbers = flow_version_pair_for(user, flow_id, a=a, b=b)
-    # Only files whose content hashes differ are read and compared (flow_version_diff works from the manifests).
-    diff = flow_version_diff(a=old.snapshot, b=new.snapshot)
     changes = []
-    budget = DIFF_PAGE_ROWS
-    for item in diff["files"]:
+    for item in files:
         rows = rows_from_unified(item["unified_diff"])
-        collapsed = not full and len(rows) > budget
-        if not collapsed:
+        collapsed = budget is not None and len(rows) > budget
+        if budget is not None and not collapsed:
             budget -= len(rows)
         changes.append(
             {
@@ -272,6 +265,21 @@ def diff_context(
                 "table": None if collapsed or item["binary"] else diff_table_html(rows),
             }
         )
+    return changes
+
+
+def diff_context(
+    user: AbstractBaseUser, flow_id: int, *, a: int | None, b: int | None, full: bool = False
+) -> dict[str, Any]:
+    """File diffs and the DAG diff from version `a` to version `b` (default: the one before the head, the head).
+
+    Diffs are rendered in path order until DIFF_PAGE_ROWS rows; later files come collapsed (with their counts)
+    behind a "show full diff" link, unless `full`.
+    """
+    flow, old, new, numbers = flow_version_pair_for(user, flow_id, a=a, b=b)
+    # Only files whose content hashes differ are read and compared (flow_version_diff works from the manifests).
+    diff = flow_version_diff(a=old.snapshot, b=new.snapshot)
+    changes = file_changes_shown(diff["files"], budget=None if full else DIFF_PAGE_ROWS)
     graph = graph_diff(
         _snapshot_graph(old.snapshot_id),
         _snapshot_graph(new.snapshot_id),

@@ -1041,24 +1041,14 @@ def _scatter(cmp: Comparison, sources: Mapping[Any, tuple[Any, Any] | None], col
 
 def run_compare_changes(user: User, *, a: str, b: str) -> dict[str, Any]:
     """What changed between the snapshots of runs `a` and `b`: file diffs and the DAG diff, via flows_app."""
-    from flows_app.diffing import rows_from_unified
+    from flows_app.authoring import file_changes_shown
     from flows_app.flow_graph import flow_graph, graph_diff
     from flows_app.services import flow_version_diff, snapshot_materialize
     from flows_app.workspace import workspace_state
 
     old, new = run_get_for(user, a), run_get_for(user, b)
     diff = flow_version_diff(a=old.snapshot, b=new.snapshot)
-    changes = []
-    for item in diff["files"]:
-        rows = rows_from_unified(item["unified_diff"])
-        changes.append(
-            {
-                **item,
-                "rows": rows,
-                "added": sum(1 for r in rows if r.kind == "add"),
-                "removed": sum(1 for r in rows if r.kind == "del"),
-            }
-        )
+    changes = file_changes_shown(diff["files"])
 
     def graph_of(run: Run) -> Any:
         return flow_graph(workspace_state(snapshot_materialize(snapshot_sha=run.snapshot_id)).flow)
