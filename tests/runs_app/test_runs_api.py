@@ -245,6 +245,26 @@ def test_reaper_requeues_a_chunk_whose_worker_stopped_heartbeating(owner, run):
     assert "stopped heartbeating" in RunLog.objects.filter(run=run).last().text
 
 
+def test_reaper_sends_again_a_queued_chunk_whose_message_nobody_took(owner, run):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    queued = RunChunk.objects.filter(run=run, status="Queued")
+    long_ago = timezone.now() - dt.timedelta(hours=2)
+    queued.update(enqueued_at=long_ago)
+    before = dict(queued.values_list("pk", "task_id"))
+
+    acted = services.run_reap_stale(stale_after=30, requeue_after=3600)
+    again = services.run_reap_stale(stale_after=30, requeue_after=3600)
+
+    after = dict(queued.values_list("pk", "task_id"))
+    assert acted == len(before) > 0 and again == 0
+    assert all(after[pk] != task_id for pk, task_id in before.items())
+    assert queued.filter(enqueued_at__lte=long_ago).count() == 0
+    assert "sent again" in RunLog.objects.filter(run=run).last().text
+
+
 def test_a_chunk_is_claimed_once(owner, run):
     from runs_app.services import _claim
 
