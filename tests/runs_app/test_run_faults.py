@@ -28,12 +28,17 @@ def _outputs(run: Run) -> dict[int, dict]:
     return {n: o for n, o in LineResult.objects.filter(run=run).values_list("line_number", "outputs")}
 
 
-def _busy_child(workers) -> int | None:
-    """The pid of a pool process that holds a running chunk right now."""
+def _busy_child(workers, margin: int = 32) -> int | None:
+    """The pid of a pool process whose running chunk still has at least `margin` lines to go.
+
+    A chunk about to finish could be done by the time the kill lands, and the kill would then cost no attempt.
+    """
     pids = {pid for w in workers for pid in w.children()}
-    for worker_name in RunChunk.objects.filter(status="Running").values_list("worker", flat=True):
+    running = RunChunk.objects.filter(status="Running").values_list("worker", "run_id", "start", "stop")
+    for worker_name, run_id, start, stop in running:
         pid = int(worker_name.rsplit(":", 1)[1])
-        if pid in pids:
+        done = LineResult.objects.filter(run_id=run_id, line_number__gte=start, line_number__lt=stop).count()
+        if pid in pids and stop - start - done >= margin:
             return pid
     return None
 
