@@ -217,14 +217,15 @@ def _hook_sink(ctx: RunContext) -> Callable[[dict[str, Any]], None]:
 def make_threadsafe_sink(
     loop: asyncio.AbstractEventLoop, put: Callable[[Event], None]
 ) -> Callable[[Event], None]:
-    """A sink callable from any thread that hands events to `put` on `loop`'s thread."""
+    """A sink callable from any thread that hands events to `put` on `loop`'s thread.
+
+    Call it from the thread running `loop` (it is made there): sync tools run on that thread too, with the
+    running loop hidden from them, and their events must keep their place before the node's own.
+    """
+    owner = threading.get_ident()
 
     def sink(event: Event) -> None:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
+        if threading.get_ident() == owner:
             put(event)
         elif not loop.is_closed():
             loop.call_soon_threadsafe(put, event)

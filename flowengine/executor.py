@@ -1,6 +1,7 @@
 """Run flows: one line at a time as a stream of events, and aggregation over a run's lines.
 
-Independent DAG nodes run concurrently: async tools on the event loop, sync tools in a thread pool.
+Independent DAG nodes run concurrently: async tools on the event loop, sync tools in a thread pool (or, once a
+sync tool has shown that its calls are quick, on the loop too).
 This module runs user code; use it inside the runner process (or the local CLI), not the web server.
 """
 
@@ -47,6 +48,56 @@ from flowengine.tools import python_tool
 from flowengine.validation import check_valid
 
 _DONE = object()
+
+
+# A sync tool whose last INLINE_AFTER_CALLS calls each took under INLINE_MAX_SECONDS runs on the event loop
+# instead of in the thread pool: the hop to a thread and back costs more than such a call, and with many lines
+# in flight every hop also waits for a full turn of the loop. One call on the loop that takes longer than
+# INLINE_DEMOTE_SECONDS sends the tool back to the pool for good.
+INLINE_AFTER_CALLS = 16
+INLINE_MAX_SECONDS = 0.001
+INLINE_DEMOTE_SECONDS = 0.005
+
+
+class _SyncPlace:
+    """Where one sync tool runs: in the thread pool until it has proved itself quick, then on the loop."""
+
+    __slots__ = ("demoted", "inline", "quick")
+
+    def __init__(self) -> None:
+        self.quick = 0
+        self.inline = False
+        self.demoted = False
+
+    def call_timed(
+        self, context: contextvars.Context, func: Callable[..., Any], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """Call in a pool thread, counting quick calls in a row."""
+        started = time.perf_counter()
+        try:
+            return context.run(func, **kwargs)
+        finally:
+            quick = time.perf_counter() - started < INLINE_MAX_SECONDS
+            # Threads race on the count; a lost update only delays the move by a call.
+            self.quick = self.quick + 1 if quick else 0
+            if self.quick >= INLINE_AFTER_CALLS and not self.demoted:
+                self.inline = True
+
+    def call_inline(
+        self, context: contextvars.Context, func: Callable[..., Any], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """Call on the loop's thread, as if from a pool thread: user code that starts its own event loop
+        (asyncio.run) must not see ours running."""
+        loop = asyncio.get_running_loop()
+        asyncio._set_running_loop(None)
+        started = time.perf_counter()
+        try:
+            return context.run(func, **kwargs)
+        finally:
+            asyncio._set_running_loop(loop)
+            if time.perf_counter() - started > INLINE_DEMOTE_SECONDS:
+                self.inline = False
+                self.demoted = True
 
 
 class FlowRunError(Exception):
@@ -224,6 +275,7 @@ class FlowExecutor:
             max_workers=self.max_concurrency, thread_name_prefix="flowengine-node"
         )
         self._tools: dict[str, Callable[..., Any]] = {}
+        self._places: dict[Callable[..., Any], _SyncPlace] = {}
         self._templates: dict[tuple[str, str], str] = {}
         self._load_lock = threading.Lock()
         self._entry: Any = None
@@ -775,9 +827,19 @@ class FlowExecutor:
             if inspect.isawaitable(result):
                 result = await result
             return result
-        loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
-        result = await loop.run_in_executor(self._pool, functools.partial(context.run, func, **kwargs))
+        try:
+            place = self._places.get(func)
+            if place is None:
+                place = self._places[func] = _SyncPlace()
+        except TypeError:  # an unhashable callable object: no record is kept, so it stays in the pool
+            place = _SyncPlace()
+        if place.inline:
+            result = place.call_inline(context, func, kwargs)
+        else:
+            loop = asyncio.get_running_loop()
+            call = functools.partial(place.call_timed, context, func, kwargs)
+            result = await loop.run_in_executor(self._pool, call)
         if inspect.isawaitable(result):
             result = await result
         return result

@@ -439,6 +439,10 @@ class Runner:
                 task.add_done_callback(background.discard)
             elif op == "cancel":
                 self.cancel(str(request.get("id")))
+            elif op == "prepare":
+                # A runner started ahead of its work: do now what its first line would otherwise wait for.
+                # Engine modules import each other, so they are imported here, on the loop's thread.
+                _prepare_engine()
             elif op == "exit":
                 break
         for task in list(self.tasks.values()) + list(background):
@@ -588,8 +592,8 @@ def zygote_main(socket_path: str, preload: list[str], idle_timeout: float) -> in
     import flowengine.executor  # noqa: F401
 
     # Single-threaded here, so engine modules are safe to import too.
-    _preload(["flowengine.llm", *preload])
-    _warm_up()
+    _preload(list(preload))
+    _prepare_engine()
     folder = os.path.dirname(socket_path)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -740,9 +744,10 @@ def _preload(modules: list[str]) -> None:
             pass
 
 
-def _warm_up() -> None:
-    """One-time set-up that each forked runner would otherwise repeat on its first line: the Jinja sandbox's
-    lexer and the LLM SDK's lazily loaded parts."""
+def _prepare_engine() -> None:
+    """Import the LLM path and do the one-time set-up that each runner would otherwise repeat on its first line:
+    the Jinja sandbox's lexer and the LLM SDK's lazily loaded parts."""
+    _preload(["flowengine.llm"])
     with contextlib.suppress(Exception):
         from flowengine.templates import render_template
 

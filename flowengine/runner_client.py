@@ -279,8 +279,12 @@ class RunnerProcess:
             self._watch(self._overall_watchdog())
         await self._spawn_and_init()
 
-    async def spawn(self) -> None:
-        """Start the runner process ahead of `start`, so its start-up overlaps the caller's preparation."""
+    async def spawn(self, *, prepare: bool = False) -> None:
+        """Start the runner process ahead of `start`, so its start-up overlaps the caller's preparation.
+
+        With `prepare`, the runner also imports the LLM path and does its one-time set-up while it waits for
+        `start`, instead of on its first line: for a runner started well ahead of its work.
+        """
         if self.proc is not None and self.proc.returncode is None and not self._dead:
             return
         if self.workdir is None:
@@ -322,6 +326,9 @@ class RunnerProcess:
         self._reader = asyncio.get_running_loop().create_task(self._read_events(self.proc))
         if self.proc.stderr is not None:
             self._stderr_reader = asyncio.get_running_loop().create_task(self._read_stderr(self.proc))
+        if prepare and forked is None:  # a forked runner comes prepared from the fork server
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._send({"op": "prepare"})
 
     async def _fork_from_zygote(self, env: Mapping[str, str]) -> _ForkedRunner | None:
         """A runner forked by the local fork server, or None (then starting one for next time)."""

@@ -1132,7 +1132,7 @@ async def _spawn_spare(*, when_idle: bool = True) -> None:
         return
     runner = _new_runner(_spare_concurrency())
     try:
-        await runner.spawn()
+        await runner.spawn(prepare=True)
     except Exception:
         logger.warning("could not start a spare runner; the next run starts its own", exc_info=True)
         with contextlib.suppress(Exception):

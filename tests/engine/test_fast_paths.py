@@ -132,3 +132,90 @@ def test_help_and_studio_commands_still_see_every_command():
     assert _parser_parts(["flow", "serve", "--flow", "f"])["serving"]
     parser = build_parser(**_parser_parts(["run", "create", "--flow", "f", "--data", "d"]))
     assert parser.parse_args(["run", "create", "--flow", "f", "--data", "d"]).concurrency == 128
+
+
+INLINE_FLOW = {
+    "flow.dag.yaml": """
+        inputs:
+          delay: {type: double, default: 0}
+          nested: {type: bool, default: false}
+        outputs:
+          thread: {type: string, reference: "${where.output.thread}"}
+          nested: {type: string, reference: "${where.output.nested}"}
+        nodes:
+        - name: where
+          type: python
+          source: {type: code, path: where.py}
+          inputs: {delay: "${inputs.delay}", nested: "${inputs.nested}"}
+    """,
+    "where.py": """
+        import asyncio
+        import threading
+        import time
+
+
+        def where(delay: float, nested: bool) -> dict:
+            async def inner() -> str:
+                await asyncio.sleep(0)
+                return "ran its own loop"
+
+            print("called")
+            if delay:
+                time.sleep(delay)
+            return {
+                "thread": threading.current_thread().name,
+                "nested": asyncio.run(inner()) if nested else "",
+            }
+    """,
+}
+
+
+async def _threads(executor, inputs_list):
+    """The thread each line's sync tool ran in, and the line's log texts."""
+    seen = []
+    for n, inputs in enumerate(inputs_list):
+        events = [ev async for ev in executor.run_line(inputs, line_number=n, event_types=["log"])]
+        assert events[-1].status == "Completed", events[-1].error
+        seen.append((events[-1].outputs, [ev.text for ev in events if ev.type == "log"]))
+    return seen
+
+
+async def test_a_quick_sync_tool_moves_onto_the_loop_and_behaves_the_same(write_flow):
+    from flowengine.executor import INLINE_AFTER_CALLS
+
+    executor = FlowExecutor(load_flow(write_flow(INLINE_FLOW)))
+    try:
+        seen = await _threads(executor, [{}] * (INLINE_AFTER_CALLS + 4) + [{"nested": True}])
+    finally:
+        executor.close()
+    threads = [outputs["thread"] for outputs, _ in seen]
+    assert all(t.startswith("flowengine-node") for t in threads[:INLINE_AFTER_CALLS])
+    assert threads[INLINE_AFTER_CALLS:] == ["MainThread"] * 5
+    # Output is still captured per line, and code that runs its own event loop still can.
+    assert [logs for _, logs in seen] == [["called"]] * len(seen)
+    assert seen[-1][0]["nested"] == "ran its own loop"
+
+
+async def test_a_sync_tool_that_turns_slow_on_the_loop_goes_back_to_the_pool_for_good(write_flow):
+    from flowengine.executor import INLINE_AFTER_CALLS, INLINE_DEMOTE_SECONDS
+
+    executor = FlowExecutor(load_flow(write_flow(INLINE_FLOW)))
+    slow = {"delay": INLINE_DEMOTE_SECONDS * 4}
+    try:
+        seen = await _threads(executor, [{}] * INLINE_AFTER_CALLS + [slow] + [{}] * (INLINE_AFTER_CALLS + 2))
+    finally:
+        executor.close()
+    threads = [outputs["thread"] for outputs, _ in seen]
+    assert threads[INLINE_AFTER_CALLS] == "MainThread"  # the slow call ran on the loop, once
+    assert all(t.startswith("flowengine-node") for t in threads[INLINE_AFTER_CALLS + 1 :])
+
+
+async def test_a_sync_tool_slower_than_the_bound_stays_in_the_pool(write_flow):
+    from flowengine.executor import INLINE_AFTER_CALLS, INLINE_MAX_SECONDS
+
+    executor = FlowExecutor(load_flow(write_flow(INLINE_FLOW)))
+    try:
+        seen = await _threads(executor, [{"delay": INLINE_MAX_SECONDS * 2}] * (INLINE_AFTER_CALLS + 4))
+    finally:
+        executor.close()
+    assert all(outputs["thread"].startswith("flowengine-node") for outputs, _ in seen)

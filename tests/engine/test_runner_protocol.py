@@ -217,3 +217,53 @@ async def test_a_flow_that_cannot_load_is_reported_on_init(tmp_path):
     assert events[0]["error"]["code"] == "UserError"
     assert "flow.dag.yaml" in events[0]["error"]["message"]
     assert await runner.stop() == 0
+
+
+LOADED_YAML = """
+outputs:
+  loaded: {type: list, reference: "${loaded.output}"}
+nodes:
+- name: loaded
+  type: python
+  source: {type: code, path: loaded.py}
+  inputs: {}
+"""
+
+LOADED_PY = """
+import sys
+
+
+def loaded() -> list:
+    return [name for name in ("flowengine.llm", "aiohttp") if name in sys.modules]
+"""
+
+
+async def _loaded_modules(tmp_path: Path, *, prepare: bool) -> list[str]:
+    flow = tmp_path / ("prepared" if prepare else "plain")
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(textwrap.dedent(LOADED_YAML))
+    (flow / "loaded.py").write_text(textwrap.dedent(LOADED_PY))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "flowengine.runner",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        start_new_session=True,
+    )
+    runner = RawRunner(proc)
+    if prepare:
+        await runner.send({"op": "prepare"})
+    await runner.send({"op": "init", "id": "init", "flow_dir": str(flow), "connections": {}})
+    assert await runner.until_done("init") == []
+    await runner.send({"op": "line", "id": "a", "inputs": {}, "line_number": 0})
+    events = (await runner.collect({"a"}))["a"]
+    assert await runner.stop() == 0
+    return events[-1]["outputs"]["loaded"]
+
+
+async def test_a_runner_told_to_prepare_loads_the_llm_path_before_its_first_line(tmp_path):
+    # A spare runner started ahead of its run gets "prepare": its first line then finds the LLM path loaded.
+    assert await _loaded_modules(tmp_path, prepare=False) == []
+    assert await _loaded_modules(tmp_path, prepare=True) == ["flowengine.llm", "aiohttp"]
