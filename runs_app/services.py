@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1215,8 +1215,13 @@ async def _run_lines(
     lines: Sequence[tuple[int, dict[str, Any]]],
     out: queue.Queue[tuple[str, Any]],
     deaths: Mapping[int, int],
+    feed: asyncio.Queue[list[tuple[int, dict[str, Any]]] | None] | None = None,
 ) -> None:
     """Run `lines` in the run's runner, `concurrency` at a time; results and logs go to `out`.
+
+    With `feed`, once every line has started, ("hungry", None) goes to `out` and the next lines (another chunk's)
+    are taken from `feed` as they come, until None: they fill the runner's slots while the last lines before them
+    finish, so the runner never idles between chunks.
 
     A line whose runner died under it is retried alone afterwards, so the line that kills the runner is
     found; MAX_LINE_DEATHS deaths fail it with the runner's reason.
@@ -1233,6 +1238,10 @@ async def _run_lines(
     runner.on_log = on_log
     death_count = dict(deaths)
     semaphore = asyncio.Semaphore(max(1, spec.concurrency))
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[tuple[int, dict[str, Any]] | None]] = set()
+    retry: list[tuple[int, dict[str, Any]]] = []
+    errors: list[BaseException] = []
 
     async def one(number: int, inputs: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         completed = None
@@ -1279,11 +1288,40 @@ async def _run_lines(
         return None
 
     async def bounded(number: int, inputs: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
-        async with semaphore:
+        try:
             return await one(number, inputs)
+        finally:
+            semaphore.release()
+
+    def finished(task: asyncio.Task[tuple[int, dict[str, Any]] | None]) -> None:
+        # Finished tasks are dropped at once: an execution that goes on from chunk to chunk keeps none.
+        running.discard(task)
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            errors.append(task.exception())  # type: ignore[arg-type]
+        elif task.result() is not None:
+            retry.append(task.result())  # type: ignore[arg-type]
+
+    async def start(batch: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        for number, inputs in batch:
+            await semaphore.acquire()
+            task = loop.create_task(bounded(number, inputs))
+            running.add(task)
+            task.add_done_callback(finished)
 
     try:
-        retry = [r for r in await asyncio.gather(*(bounded(n, i) for n, i in lines)) if r is not None]
+        await start(lines)
+        while feed is not None:
+            out.put(("hungry", None))
+            batch = await feed.get()
+            if batch is None:
+                break
+            await start(batch)
+        while running:
+            await asyncio.wait(set(running))
+        if errors:
+            raise errors[0]
         # Alone, a line can only die of its own doing: innocent bystanders of a death complete here.
         while retry:
             again = []
@@ -1294,6 +1332,8 @@ async def _run_lines(
             retry = again
     except asyncio.CancelledError:
         # Canceled run or a lost claim: stop the runner now so no line keeps running.
+        for task in list(running):
+            task.cancel()
         await _close_warm(spec.key)
         raise
 
@@ -1384,25 +1424,38 @@ def _chunk_lines(run: Run, chunk: RunChunk, flow: EngineFlow) -> list[tuple[int,
 
 def _claim(chunk_id: int, task_id: str) -> tuple[RunChunk, str] | None:
     """Take the chunk: queued, or running under this same message (delivered again), or abandoned."""
-    now = timezone.now()
-    token = uuid.uuid4().hex
-    stale = now - dt.timedelta(seconds=stale_seconds())
+    stale = timezone.now() - dt.timedelta(seconds=stale_seconds())
     takeable = Q(status=ChunkStatus.QUEUED) | Q(status=ChunkStatus.RUNNING, heartbeat_at__lt=stale)
     if task_id:
         takeable |= Q(status=ChunkStatus.RUNNING, task_id=task_id)
+    return _take(RunChunk.objects.filter(pk=chunk_id).filter(takeable), chunk_id, task_id)
+
+
+def _claim_next(run_id: Any) -> tuple[RunChunk, str] | None:
+    """Take the run's first queued chunk for an execution that has room for it, or None when none is left.
+
+    Its own message then finds it running and leaves it; should this process die, the reaper sends it again.
+    """
+    queued = RunChunk.objects.filter(run_id=run_id, status=ChunkStatus.QUEUED).order_by("index")
+    for chunk_id in queued.values_list("pk", flat=True)[:4]:
+        taken = _take(RunChunk.objects.filter(pk=chunk_id, status=ChunkStatus.QUEUED), chunk_id, "")
+        if taken is not None:
+            return taken
+    return None
+
+
+def _take(chunks: Any, chunk_id: int, task_id: str) -> tuple[RunChunk, str] | None:
+    now = timezone.now()
+    token = uuid.uuid4().hex
     active_runs = Run.objects.filter(status__in=[RunStatus.QUEUED, RunStatus.PREPARING, RunStatus.RUNNING])
-    claimed = (
-        RunChunk.objects.filter(pk=chunk_id, run_id__in=active_runs.values("pk"))
-        .filter(takeable)
-        .update(
-            status=ChunkStatus.RUNNING,
-            task_id=task_id or "",
-            claim_token=token,
-            worker=_worker_name(),
-            claimed_at=now,
-            heartbeat_at=now,
-            attempts=F("attempts") + 1,
-        )
+    claimed = chunks.filter(run_id__in=active_runs.values("pk")).update(
+        status=ChunkStatus.RUNNING,
+        task_id=task_id or "",
+        claim_token=token,
+        worker=_worker_name(),
+        claimed_at=now,
+        heartbeat_at=now,
+        attempts=F("attempts") + 1,
     )
     if not claimed:
         return None
@@ -1519,8 +1572,22 @@ def run_execute_chunk(*, chunk_id: int, task_id: str = "") -> None:
         db_connection.close_if_unusable_or_obsolete()
 
 
+@dataclass
+class _Held:
+    """A chunk this execution holds: its claim, its writer and how many of its lines have reported."""
+
+    chunk: RunChunk
+    token: str
+    writer: _ChunkWriter
+    to_run: int
+    reported: int = 0
+    closed: bool = False
+
+    def holds(self, line_number: int | None) -> bool:
+        return line_number is not None and self.chunk.start <= line_number < self.chunk.stop
+
+
 def _execute_claimed(run: Run, chunk: RunChunk, token: str) -> None:
-    from flowengine.runner_client import RunnerError
 
     now = timezone.now()
     if Run.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(
@@ -1528,17 +1595,12 @@ def _execute_claimed(run: Run, chunk: RunChunk, token: str) -> None:
     ):
         run.status = RunStatus.PREPARING
         streaming.publish_progress(run, force=True)
-    existing = set(
-        LineResult.objects.filter(
-            run=run, line_number__gte=chunk.start, line_number__lt=chunk.stop
-        ).values_list("line_number", flat=True)
-    )
     if chunk.attempts > MAX_CHUNK_ATTEMPTS:
-        _fail_lost_chunk(run, chunk, token, existing)
+        _fail_lost_chunk(run, chunk, token, _existing_lines(run, chunk))
         return
     try:
         engine_flow = _check_flow(_load_engine_flow(run.snapshot_id), None)
-        lines = [(n, inputs) for n, inputs in _chunk_lines(run, chunk, engine_flow) if n not in existing]
+        lines = _lines_to_run(run, chunk, engine_flow)
         flow_dir = _flow_dir(run.snapshot_id)
         spec = _RunnerSpec(
             key=f"{run.pk}:{run.snapshot_id}",
@@ -1553,71 +1615,151 @@ def _execute_claimed(run: Run, chunk: RunChunk, token: str) -> None:
     except RunError as exc:
         _fail_run(run, {"code": "UserError", "type": "RunError", "message": str(exc)})
         return
+    first = _Held(chunk=chunk, token=token, writer=_ChunkWriter(run, chunk, token), to_run=len(lines))
+    if not lines:
+        Run.objects.filter(pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.PREPARING]).update(
+            status=RunStatus.RUNNING
+        )
+        _close_chunk(run, first, None)
+        return
+    held = [first]
+    out: queue.Queue[tuple[str, Any]] = queue.Queue()
+    feed: asyncio.Queue[list[tuple[int, dict[str, Any]]] | None] = asyncio.Queue()
+    future = _loop().submit(_run_lines(spec, lines, out, {}, feed))
+    Run.objects.filter(pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.PREPARING]).update(
+        status=RunStatus.RUNNING
+    )
+    first.writer.beat(force=True)
+
+    def take(kind: str, item: Any) -> None:
+        if kind == "hungry":
+            more = _take_on(run, engine_flow, held)
+            if more is None:
+                # Nothing left to hand out: this process is done with the run, so it starts the next run's
+                # spare runner now, while its last lines finish, rather than when that run's first chunk
+                # would wait for it (evaluations and scripts start one right after the other).
+                _loop().loop.call_soon_threadsafe(functools.partial(_spawn_spare_soon, when_idle=False))
+            _loop().loop.call_soon_threadsafe(feed.put_nowait, more)
+            return
+        number = item.get("line_number")
+        holder = next((h for h in held if h.holds(number)), held[-1])
+        holder.writer.take(kind, item)
+        if kind == "line":
+            holder.reported += 1
+
+    try:
+        _follow(run, spec, held, out, future, take)
+    except BaseException:
+        future.cancel()
+        raise
+
+
+def _follow(
+    run: Run,
+    spec: _RunnerSpec,
+    held: list[_Held],
+    out: queue.Queue[tuple[str, Any]],
+    future: concurrent.futures.Future[Any],
+    take: Callable[[str, Any], None],
+) -> None:
+    """Write what the execution reports, chunk by chunk, until its lines are all done or it must stop."""
+    from flowengine.runner_client import RunnerError
+
+    stopped = False
+    while True:
+        try:
+            take(*out.get(timeout=0.1))
+            while True:
+                try:
+                    take(*out.get_nowait())
+                except queue.Empty:
+                    break
+        except queue.Empty:
+            pass
+        finished = future.done() and out.empty()
+        for holder in [h for h in held if not h.closed]:
+            complete = holder.reported >= holder.to_run
+            if holder.writer.due() or finished or complete:
+                holder.writer.flush()
+                if not holder.writer.beat(force=finished or complete) and not (finished or complete):
+                    stopped = True
+            if complete and not stopped:
+                _close_chunk(run, holder, spec)
+        if stopped:
+            future.cancel()
+            for holder in [h for h in held if not h.closed]:
+                _stop_execution(run, holder.chunk, holder.token, future)
+            return
+        if finished:
+            break
+    try:
+        future.result()
+    except RunnerError as exc:
+        for holder in held:
+            holder.writer.flush()
+        error = (
+            exc.error.to_dict()
+            if exc.error is not None
+            else {"code": "UserError", "type": "RunnerError", "message": str(exc)}
+        )
+        _fail_run(run, error)
+        return
+    for holder in [h for h in held if not h.closed]:
+        _close_chunk(run, holder, spec)
+
+
+def _existing_lines(run: Run, chunk: RunChunk) -> set[int]:
+    return set(
+        LineResult.objects.filter(
+            run=run, line_number__gte=chunk.start, line_number__lt=chunk.stop
+        ).values_list("line_number", flat=True)
+    )
+
+
+def _lines_to_run(run: Run, chunk: RunChunk, engine_flow: EngineFlow) -> list[tuple[int, dict[str, Any]]]:
+    """The chunk's lines without a result yet, logged with the attempt."""
+    existing = _existing_lines(run, chunk)
+    lines = [(n, inputs) for n, inputs in _chunk_lines(run, chunk, engine_flow) if n not in existing]
     run_log_write(
         run=run,
         text=f"chunk {chunk.index} [{chunk.start}, {chunk.stop}) on {_worker_name()}, attempt {chunk.attempts}: {len(lines)} lines to run, {len(existing)} already done",
     )
-    writer = _ChunkWriter(run, chunk, token)
-    if lines:
-        out: queue.Queue[tuple[str, Any]] = queue.Queue()
-        future = _loop().submit(_run_lines(spec, lines, out, {}))
-        Run.objects.filter(pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.PREPARING]).update(
-            status=RunStatus.RUNNING
-        )
-        writer.beat(force=True)
-        stopped = False
-        while True:
-            try:
-                kind, item = out.get(timeout=0.1)
-                writer.take(kind, item)
-                while True:
-                    try:
-                        kind, item = out.get_nowait()
-                    except queue.Empty:
-                        break
-                    writer.take(kind, item)
-            except queue.Empty:
-                pass
-            finished = future.done() and out.empty()
-            if writer.due() or finished:
-                writer.flush()
-                if not writer.beat(force=finished) and not finished:
-                    stopped = True
-                    future.cancel()
-                    break
-            if finished:
-                break
-        if stopped:
-            _stop_execution(run, chunk, token, future)
-            return
-        if not RunChunk.objects.filter(run_id=run.pk, status=ChunkStatus.QUEUED).exists():
-            # Nothing left to hand out: this process is done with the run, so it starts the next run's spare
-            # runner now (while other processes finish their last lines) rather than when that run's first
-            # chunk would wait for it, which may be right after this run completes (evaluations, scripts).
-            _loop().loop.call_soon_threadsafe(functools.partial(_spawn_spare_soon, when_idle=False))
+    return lines
+
+
+def _take_on(run: Run, engine_flow: EngineFlow, held: list[_Held]) -> list[tuple[int, dict[str, Any]]] | None:
+    """Claim the run's next queued chunk for the running execution: its lines to run, or None when none is left."""
+    while True:
+        claim = _claim_next(run.pk)
+        if claim is None:
+            return None
+        chunk, token = claim
+        if chunk.attempts > MAX_CHUNK_ATTEMPTS:
+            _fail_lost_chunk(run, chunk, token, _existing_lines(run, chunk))
+            continue
         try:
-            future.result()
-        except RunnerError as exc:
-            writer.flush()
-            error = (
-                exc.error.to_dict()
-                if exc.error is not None
-                else {"code": "UserError", "type": "RunnerError", "message": str(exc)}
-            )
-            _fail_run(run, error)
-            return
-        writer.flush()
-    else:
-        Run.objects.filter(pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.PREPARING]).update(
-            status=RunStatus.RUNNING
-        )
+            lines = _lines_to_run(run, chunk, engine_flow)
+        except RunError as exc:
+            _fail_run(run, {"code": "UserError", "type": "RunError", "message": str(exc)})
+            return None
+        holder = _Held(chunk=chunk, token=token, writer=_ChunkWriter(run, chunk, token), to_run=len(lines))
+        held.append(holder)
+        if lines:
+            return lines
+        _close_chunk(run, holder, None)
+
+
+def _close_chunk(run: Run, holder: _Held, spec: _RunnerSpec | None) -> None:
+    """A held chunk whose lines have all reported: mark it done and, after the run's last one, aggregate."""
+    holder.closed = True
+    chunk = holder.chunk
     tokens = _sum_usage(
         LineResult.objects.filter(
             run=run, line_number__gte=chunk.start, line_number__lt=chunk.stop
         ).values_list("usage", flat=True)
     )
     finished_at = timezone.now()
-    done = RunChunk.objects.filter(pk=chunk.pk, claim_token=token, status=ChunkStatus.RUNNING).update(
+    done = RunChunk.objects.filter(pk=chunk.pk, claim_token=holder.token, status=ChunkStatus.RUNNING).update(
         status=ChunkStatus.DONE, finished_at=finished_at, heartbeat_at=finished_at, tokens=tokens
     )
     _recount(run.pk, heartbeat_at=finished_at)
@@ -1625,7 +1767,7 @@ def _execute_claimed(run: Run, chunk: RunChunk, token: str) -> None:
     if _finish_cancel(run.pk) or not done:
         return
     # Without lines to run, this chunk never decrypted connections: the aggregation fetches its own.
-    _maybe_aggregate(run.pk, spec if lines else None)
+    _maybe_aggregate(run.pk, spec if holder.to_run else None)
 
 
 def _flow_dir(snapshot_sha: str) -> Path:

@@ -105,3 +105,39 @@ def test_an_idle_worker_process_keeps_a_spare_runner_that_the_next_run_starts_on
         logs=run_workers.logs,
     )
     wait_for(lambda: _runners_of(pool), timeout=30, what="a new spare runner", logs=run_workers.logs)
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_a_pool_process_takes_on_the_runs_next_chunk_while_its_last_lines_finish(owner, run_workers):
+    from flows_app.services import flow_create
+
+    flow = flow_create(owner=owner, name="square", files=square_files())
+    rows = [{"x": i, "pause": 0.1} for i in range(150)]
+    dataset = services.dataset_create(owner=owner, name="numbers", filename="numbers.jsonl", data=jsonl(rows))
+    run_workers.start(concurrency=1)
+
+    run = services.run_create(
+        user=owner,
+        flow_version=flow.head,
+        dataset=dataset,
+        column_mapping={"pause": "${data.pause}"},
+        concurrency=2,
+    )
+
+    def finished() -> Run | None:
+        run.refresh_from_db()
+        return run if run.status == RunStatus.COMPLETED else None
+
+    wait_for(finished, timeout=90, what="the run to complete", logs=run_workers.logs)
+    chunks = list(RunChunk.objects.filter(run=run).order_by("index"))
+    assert len(chunks) >= 3
+    # One pool process: without taking chunks on, each chunk would start after the one before it ended.
+    for before, after in zip(chunks, chunks[1:], strict=False):
+        assert after.claimed_at < before.finished_at, (before.index, after.index)
+    # Each chunk ran once: the messages of the chunks taken on found them running and left them.
+    assert [c.attempts for c in chunks] == [1] * len(chunks)
+    assert sorted(LineResult.objects.filter(run=run).values_list("line_number", flat=True)) == list(
+        range(150)
+    )
+    assert run.metrics == {"sum": sum(i * i for i in range(150)), "lines": 150}
