@@ -314,14 +314,14 @@ async def execute_batch(
 ) -> BatchOutcome:
     """Run `lines` as tasks in one runner process, then aggregate over the completed ones."""
     from flowengine import events
-    from flowengine.runner_client import RunnerProcess
+    from flowengine.runner_client import QUEUE_AHEAD, RunnerProcess
 
     records: dict[int, LineRecord] = {}
     kw = dict(runner_kw or {})
     kw.setdefault("concurrency", concurrency)
     # Sync tools of all lines in flight share the executor's thread pool.
     kw.setdefault("max_concurrency", concurrency)
-    semaphore = asyncio.Semaphore(max(1, concurrency))
+    semaphore = asyncio.Semaphore(max(1, concurrency) * QUEUE_AHEAD)
     async with RunnerProcess(on_log=on_log, **kw) as rp:
         await rp.start(flow_path, connections, variant, init, environment_variables=environment_variables)
 

@@ -329,7 +329,13 @@ class Runner:
         _CURRENT.set((request_id, line_number))
         finished = False
         try:
+            waiting = self.semaphore.locked()
+            if waiting:
+                # Sent ahead, it waits for a line in flight to end: the caller's timeout starts when it does.
+                self.writer.send({"id": request_id, "queued": True})
             async with self.semaphore:
+                if waiting:
+                    self.writer.send({"id": request_id, "started": True})
                 self.active[request_id] = line_number
                 if self.executor is None:
                     raise RuntimeError("the runner has no flow loaded: send an init request first")

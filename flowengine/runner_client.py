@@ -36,6 +36,9 @@ STDERR_TAIL = 16 * 1024
 # Imported by a fresh runner in a background thread while it waits for its flow: the LLM SDK takes longest.
 # Only third-party modules: importing engine modules from two threads at once can meet a circular import.
 DEFAULT_PRELOAD = ("openai",)
+# How many lines callers keep sent to a runner, as a multiple of its concurrency: the extra ones wait in the
+# runner, so a slot freed by a finished line is taken at once rather than after a round trip to the caller.
+QUEUE_AHEAD = 2
 
 __all__ = ["DEFAULT_LIMITS", "Limits", "RunnerError", "RunnerProcess", "build_env", "run_line_sync"]
 
@@ -598,7 +601,9 @@ class RunnerProcess:
     ) -> AsyncIterator[Any]:
         """Run one line; yields its events, the last being a LineCompleted (failed on timeout or death).
 
-        `event_types` limits what the runner sends to these event types (LineCompleted always comes).
+        `event_types` limits what the runner sends to these event types (LineCompleted always comes). Up to
+        QUEUE_AHEAD times the runner's concurrency may be sent at once: the runner starts a waiting line the
+        moment one in flight ends, and the line's timeout counts from then.
         """
         from flowengine import events
 
@@ -655,6 +660,14 @@ class RunnerProcess:
                     yield events.ErrorEvent(error=msg.info)
                     yield self._failed(line_number, msg.info, started)
                     return
+                if msg.get("queued") or msg.get("started"):
+                    # The line waits in the runner behind the lines in flight: its time starts when it does.
+                    if timer is not None:
+                        timer.cancel()
+                        timer = None
+                    if msg.get("started") and limit is not None:
+                        timer = asyncio.get_running_loop().call_later(limit, queue.put_nowait, _TIMED_OUT)
+                    continue
                 if msg.get("done"):
                     if not completed:
                         completed = True

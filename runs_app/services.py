@@ -1217,9 +1217,10 @@ async def _run_lines(
     deaths: Mapping[int, int],
     feed: asyncio.Queue[list[tuple[int, dict[str, Any]]] | None] | None = None,
 ) -> None:
-    """Run `lines` in the run's runner, `concurrency` at a time; results and logs go to `out`.
+    """Run `lines` in the run's runner, `concurrency` at a time (and as many sent ahead); results and logs go
+    to `out`.
 
-    With `feed`, once every line has started, ("hungry", None) goes to `out` and the next lines (another chunk's)
+    With `feed`, once every line has been sent, ("hungry", None) goes to `out` and the next lines (another chunk's)
     are taken from `feed` as they come, until None: they fill the runner's slots while the last lines before them
     finish, so the runner never idles between chunks.
 
@@ -1227,6 +1228,7 @@ async def _run_lines(
     found; MAX_LINE_DEATHS deaths fail it with the runner's reason.
     """
     from flowengine import events
+    from flowengine.runner_client import QUEUE_AHEAD
 
     runner = await _runner_for(spec)
 
@@ -1237,7 +1239,7 @@ async def _run_lines(
 
     runner.on_log = on_log
     death_count = dict(deaths)
-    semaphore = asyncio.Semaphore(max(1, spec.concurrency))
+    semaphore = asyncio.Semaphore(max(1, spec.concurrency) * QUEUE_AHEAD)
     loop = asyncio.get_running_loop()
     running: set[asyncio.Task[tuple[int, dict[str, Any]] | None]] = set()
     retry: list[tuple[int, dict[str, Any]]] = []

@@ -276,3 +276,14 @@ async def test_a_runner_spawned_ahead_takes_the_lines_in_flight_its_flow_is_star
     assert [d.status for d, _ in done] == ["Completed"] * 4
     # One at a time would take 2 s.
     assert took < 1.5
+
+
+async def test_a_line_sent_ahead_gets_its_whole_timeout_from_when_it_starts(tmp_path):
+    # One line at a time, 0.5 s each, 0.8 s allowed: the third line waits 1 s behind the first two, then runs.
+    async with RunnerProcess(concurrency=1, line_timeout=0.8) as rp:
+        await rp.start(make_flow(tmp_path, NAPPING_PY))
+        started = time.monotonic()
+        done = await asyncio.gather(*(last_event(rp, action=f"a{i}") for i in range(3)))
+        took = time.monotonic() - started
+    assert [(d.status, d.error) for d, _ in done] == [("Completed", None)] * 3
+    assert took >= 1.5
