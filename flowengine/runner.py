@@ -100,15 +100,41 @@ def apply_limits(limits: Limits) -> None:
 
 
 class ProtocolWriter:
-    """Writes reply lines to the protocol fd; thread-safe, one write per event, never buffered."""
+    """Writes reply lines to the protocol fd; thread-safe.
+
+    Replies sent on the event loop's thread during one turn of the loop go out in one write at the end of that
+    turn (with a hundred lines in flight, several finish in the same turn); replies from other threads, or with no
+    loop bound, are written at once.
+    """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._pending: list[bytes] = []
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Batch replies sent on `loop`'s thread (the caller's) per turn of the loop."""
+        self._loop, self._loop_thread = loop, threading.get_ident()
 
     def send(self, message: Mapping[str, Any]) -> None:
-        """Write one JSON line."""
+        """Write one JSON line (at the end of this turn of the loop, when sent on the loop's thread)."""
         data = (json.dumps(message, default=_json_default, ensure_ascii=False) + "\n").encode("utf-8")
+        if self._loop is not None and threading.get_ident() == self._loop_thread:
+            if not self._pending:
+                self._loop.call_soon(self.flush)
+            self._pending.append(data)
+            return
+        self._write(data)
+
+    def flush(self) -> None:
+        """Write the replies batched so far."""
+        if self._pending:
+            data, self._pending = b"".join(self._pending), []
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
         with self._lock:
             view = memoryview(data)
             while view:
@@ -466,6 +492,7 @@ class Runner:
             # Close the LLM clients' connection pools on their own loop, before it goes away.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(llm.close_clients(), 5)
+        self.writer.flush()
 
 
 def _install_compat() -> None:
@@ -568,6 +595,7 @@ def serve_stdio(limits: Limits, concurrency: int) -> int:
         sys.stdout = out  # type: ignore[assignment]
         sys.stderr = err  # type: ignore[assignment]
         loop = asyncio.get_running_loop()
+        writer.bind(loop)
         reader = asyncio.StreamReader(limit=STREAM_LIMIT)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", 0))
         # Import the engine while the parent prepares the init request.

@@ -1644,7 +1644,7 @@ def _execute_claimed(run: Run, chunk: RunChunk, token: str) -> None:
             _loop().loop.call_soon_threadsafe(feed.put_nowait, more)
             return
         number = item.get("line_number")
-        holder = next((h for h in held if h.holds(number)), held[-1])
+        holder = next((h for h in reversed(held) if h.holds(number)), held[-1])
         holder.writer.take(kind, item)
         if kind == "line":
             holder.reported += 1
