@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -598,8 +598,12 @@ class RunnerProcess:
         request_id: str | None = None,
         timeout: float | None = None,
         event_types: Iterable[str] | None = None,
+        raw_types: Collection[str] = (),
     ) -> AsyncIterator[Any]:
         """Run one line; yields its events, the last being a LineCompleted (failed on timeout or death).
+
+        Events of `raw_types` come as the JSON-safe dicts the runner sent (`Event.to_dict()` form), for callers
+        that only store them.
 
         `event_types` limits what the runner sends to these event types (LineCompleted always comes). Up to
         QUEUE_AHEAD times the runner's concurrency may be sent at once: the runner starts a waiting line the
@@ -674,6 +678,9 @@ class RunnerProcess:
                         info = self._info("RunnerProtocolError", "the runner ended the line without a result")
                         yield self._failed(line_number, info, started)
                     return
+                if raw_types and msg["event"].get("type") in raw_types:
+                    yield msg["event"]
+                    continue
                 ev = events.from_dict(msg["event"])
                 if isinstance(ev, events.LineCompleted):
                     completed = True

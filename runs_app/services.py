@@ -1248,11 +1248,13 @@ async def _run_lines(
     async def one(number: int, inputs: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         completed = None
         spans: list[dict[str, Any]] = []
-        async for ev in runner.run_line(inputs, line_number=number, event_types=LINE_EVENTS):
+        async for ev in runner.run_line(
+            inputs, line_number=number, event_types=LINE_EVENTS, raw_types=("trace_span",)
+        ):
             if isinstance(ev, events.LineCompleted):
                 completed = ev
-            elif isinstance(ev, events.TraceSpan):
-                spans.append(ev.to_dict())
+            elif isinstance(ev, dict):
+                spans.append(ev)  # a trace span, stored as the runner sent it
             elif isinstance(ev, events.LogLine):
                 on_log(None, ev)
         assert completed is not None

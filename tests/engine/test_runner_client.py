@@ -287,3 +287,15 @@ async def test_a_line_sent_ahead_gets_its_whole_timeout_from_when_it_starts(tmp_
         took = time.monotonic() - started
     assert [(d.status, d.error) for d, _ in done] == [("Completed", None)] * 3
     assert took >= 1.5
+
+
+async def test_raw_events_are_the_dicts_their_parsed_form_gives_back(tmp_path):
+    async with RunnerProcess() as rp:
+        await rp.start(make_flow(tmp_path))
+        raw = [ev async for ev in rp.run_line({"action": "ok"}, line_number=0, raw_types=("trace_span",))]
+    spans = [ev for ev in raw if isinstance(ev, dict)]
+    assert {span["name"] for span in spans} >= {"act"}
+    assert all(span["type"] == "trace_span" for span in spans)
+    # What a caller stores from the raw dict is what it stored from the parsed event.
+    assert [events.from_dict(span).to_dict() for span in spans] == spans
+    assert isinstance(raw[-1], events.LineCompleted) and raw[-1].status == "Completed"

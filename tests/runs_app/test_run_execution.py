@@ -37,6 +37,8 @@ def test_batch_run_computes_every_line_once_and_aggregates(owner, run_workers):
     assert run.metrics == {"sum": sum(i * i for i in range(300)), "lines": 300}
     assert run.done_lines == 300 and run.failed_lines == 0
     assert RunChunk.objects.filter(run=run).exclude(status=ChunkStatus.DONE).count() == 0
+    # Each line keeps its trace: the flow's span and its node's.
+    assert all({"square"} <= {span["name"] for span in line.trace} for line in lines)
     assert run.started_at is not None and run.finished_at >= run.started_at
 
 
