@@ -69,7 +69,8 @@ class RawRunner:
         self.raw_lines: list[bytes] = []
 
     @classmethod
-    async def start(cls, flow: Path) -> RawRunner:
+    async def spawn(cls) -> RawRunner:
+        """A runner process that has not been sent anything yet."""
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -81,7 +82,13 @@ class RawRunner:
             env=env,
             start_new_session=True,
         )
-        runner = cls(proc)
+        return cls(proc)
+
+    @classmethod
+    async def start(cls, flow: Path, *, prepare: bool = False) -> RawRunner:
+        runner = await cls.spawn()
+        if prepare:
+            await runner.send({"op": "prepare"})
         await runner.send({"op": "init", "id": "init", "flow_dir": str(flow), "connections": {}})
         replies = await runner.until_done("init")
         assert replies == [], replies
@@ -201,16 +208,7 @@ async def test_a_flow_that_cannot_load_is_reported_on_init(tmp_path):
     flow = tmp_path / "broken"
     flow.mkdir()
     (flow / "flow.dag.yaml").write_text("inputs:\n  x: {type: string}\nnodes:\n- name: a\n  type: python\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "flowengine.runner",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    runner = RawRunner(proc)
+    runner = await RawRunner.spawn()
     await runner.send({"op": "init", "id": "init", "flow_dir": str(flow)})
     events = await runner.until_done("init")
     assert events[0]["type"] == "error"
@@ -243,20 +241,7 @@ async def _loaded_modules(tmp_path: Path, *, prepare: bool) -> list[str]:
     flow.mkdir()
     (flow / "flow.dag.yaml").write_text(textwrap.dedent(LOADED_YAML))
     (flow / "loaded.py").write_text(textwrap.dedent(LOADED_PY))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "flowengine.runner",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        start_new_session=True,
-    )
-    runner = RawRunner(proc)
-    if prepare:
-        await runner.send({"op": "prepare"})
-    await runner.send({"op": "init", "id": "init", "flow_dir": str(flow), "connections": {}})
-    assert await runner.until_done("init") == []
+    runner = await RawRunner.start(flow, prepare=prepare)
     await runner.send({"op": "line", "id": "a", "inputs": {}, "line_number": 0})
     events = (await runner.collect({"a"}))["a"]
     assert await runner.stop() == 0
