@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1626,90 +1626,98 @@ def _execute_claimed(run: Run, chunk: RunChunk, token: str) -> None:
         )
         _close_chunk(run, first, None)
         return
-    held = [first]
-    out: queue.Queue[tuple[str, Any]] = queue.Queue()
-    feed: asyncio.Queue[list[tuple[int, dict[str, Any]]] | None] = asyncio.Queue()
-    future = _loop().submit(_run_lines(spec, lines, out, {}, feed))
+    execution = _Execution(run, spec, engine_flow, first, lines)
     Run.objects.filter(pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.PREPARING]).update(
         status=RunStatus.RUNNING
     )
     first.writer.beat(force=True)
+    try:
+        execution.follow()
+    except BaseException:
+        execution.future.cancel()
+        raise
 
-    def take(kind: str, item: Any) -> None:
+
+class _Execution:
+    """The chunks one execution holds, its runner's lines on the loop thread, and what they report."""
+
+    def __init__(
+        self,
+        run: Run,
+        spec: _RunnerSpec,
+        engine_flow: EngineFlow,
+        first: _Held,
+        lines: Sequence[tuple[int, dict[str, Any]]],
+    ) -> None:
+        self.run, self.spec, self.engine_flow = run, spec, engine_flow
+        self.held = [first]
+        self.out: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.feed: asyncio.Queue[list[tuple[int, dict[str, Any]]] | None] = asyncio.Queue()
+        self.future = _loop().submit(_run_lines(spec, lines, self.out, {}, self.feed))
+
+    def take(self, kind: str, item: Any) -> None:
+        """One report of the execution: a line, a log, a death, or hunger for more lines."""
         if kind == "hungry":
-            more = _take_on(run, engine_flow, held)
+            more = _take_on(self.run, self.engine_flow, self.held)
             if more is None:
                 # Nothing left to hand out: this process is done with the run, so it starts the next run's
                 # spare runner now, while its last lines finish, rather than when that run's first chunk
                 # would wait for it (evaluations and scripts start one right after the other).
                 _loop().loop.call_soon_threadsafe(functools.partial(_spawn_spare_soon, when_idle=False))
-            _loop().loop.call_soon_threadsafe(feed.put_nowait, more)
+            _loop().loop.call_soon_threadsafe(self.feed.put_nowait, more)
             return
         number = item.get("line_number")
-        holder = next((h for h in reversed(held) if h.holds(number)), held[-1])
+        holder = next((h for h in reversed(self.held) if h.holds(number)), self.held[-1])
         holder.writer.take(kind, item)
         if kind == "line":
             holder.reported += 1
 
-    try:
-        _follow(run, spec, held, out, future, take)
-    except BaseException:
-        future.cancel()
-        raise
+    def follow(self) -> None:
+        """Write what the execution reports, chunk by chunk, until its lines are all done or it must stop."""
+        from flowengine.runner_client import RunnerError
 
-
-def _follow(
-    run: Run,
-    spec: _RunnerSpec,
-    held: list[_Held],
-    out: queue.Queue[tuple[str, Any]],
-    future: concurrent.futures.Future[Any],
-    take: Callable[[str, Any], None],
-) -> None:
-    """Write what the execution reports, chunk by chunk, until its lines are all done or it must stop."""
-    from flowengine.runner_client import RunnerError
-
-    stopped = False
-    while True:
+        run, out, future = self.run, self.out, self.future
+        stopped = False
+        while True:
+            try:
+                self.take(*out.get(timeout=0.1))
+                while True:
+                    try:
+                        self.take(*out.get_nowait())
+                    except queue.Empty:
+                        break
+            except queue.Empty:
+                pass
+            finished = future.done() and out.empty()
+            for holder in [h for h in self.held if not h.closed]:
+                complete = holder.reported >= holder.to_run
+                if holder.writer.due() or finished or complete:
+                    holder.writer.flush()
+                    if not holder.writer.beat(force=finished or complete) and not (finished or complete):
+                        stopped = True
+                if complete and not stopped:
+                    _close_chunk(run, holder, self.spec)
+            if stopped:
+                future.cancel()
+                for holder in [h for h in self.held if not h.closed]:
+                    _stop_execution(run, holder.chunk, holder.token, future)
+                return
+            if finished:
+                break
         try:
-            take(*out.get(timeout=0.1))
-            while True:
-                try:
-                    take(*out.get_nowait())
-                except queue.Empty:
-                    break
-        except queue.Empty:
-            pass
-        finished = future.done() and out.empty()
-        for holder in [h for h in held if not h.closed]:
-            complete = holder.reported >= holder.to_run
-            if holder.writer.due() or finished or complete:
+            future.result()
+        except RunnerError as exc:
+            for holder in self.held:
                 holder.writer.flush()
-                if not holder.writer.beat(force=finished or complete) and not (finished or complete):
-                    stopped = True
-            if complete and not stopped:
-                _close_chunk(run, holder, spec)
-        if stopped:
-            future.cancel()
-            for holder in [h for h in held if not h.closed]:
-                _stop_execution(run, holder.chunk, holder.token, future)
+            error = (
+                exc.error.to_dict()
+                if exc.error is not None
+                else {"code": "UserError", "type": "RunnerError", "message": str(exc)}
+            )
+            _fail_run(run, error)
             return
-        if finished:
-            break
-    try:
-        future.result()
-    except RunnerError as exc:
-        for holder in held:
-            holder.writer.flush()
-        error = (
-            exc.error.to_dict()
-            if exc.error is not None
-            else {"code": "UserError", "type": "RunnerError", "message": str(exc)}
-        )
-        _fail_run(run, error)
-        return
-    for holder in [h for h in held if not h.closed]:
-        _close_chunk(run, holder, spec)
+        for holder in [h for h in self.held if not h.closed]:
+            _close_chunk(run, holder, self.spec)
 
 
 def _existing_lines(run: Run, chunk: RunChunk) -> set[int]:
