@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import importlib
 import json
 import os
@@ -159,9 +160,22 @@ def _http_client() -> Any:
     if factory is None:
         return None
     try:
-        return factory()
+        return factory(verify=_ssl_context())
     except RuntimeError:  # the SDK raises this when aiohttp is not installed
         return None
+
+
+def _ssl_context() -> Any:
+    """The TLS context of the SDK's HTTP clients, built as the SDK builds it but once per CA setting: building
+    one reads the CA bundle, tens of milliseconds that would otherwise fall on each connection's first call."""
+    # The SDK's HTTP library reads these two variables; a flow may set them in its environment_variables.
+    return _ssl_context_for(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.cache
+def _ssl_context_for(cafile: str | None, capath: str | None) -> Any:
+    base = next(c for c in openai.DefaultAsyncHttpxClient.__mro__ if not c.__module__.startswith("openai"))
+    return importlib.import_module(base.__module__.split(".")[0]).create_ssl_context()
 
 
 def _make_client(conn: Connection, timeout: float) -> openai.AsyncOpenAI:

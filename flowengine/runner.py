@@ -781,7 +781,7 @@ def _preload(modules: list[str]) -> None:
 def _prepare_engine() -> None:
     """Import the LLM path and do the one-time set-up that each runner would otherwise repeat on its first line:
     the Jinja sandbox's lexer and the LLM SDK's lazily loaded parts."""
-    _preload(["flowengine.llm"])
+    _preload(["flowengine.llm", "flowengine.tools.llm_tool"])
     with contextlib.suppress(Exception):
         from flowengine.templates import render_template
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import certifi
 import pytest
 
 from flowengine import llm
@@ -173,3 +174,17 @@ def test_the_http_session_closes_with_its_event_loop(fake_llm):
 
     asyncio.run(call())
     assert seen[0].closed
+
+
+def test_the_sdk_clients_share_one_tls_context_per_ca_setting(monkeypatch):
+    # Building a TLS context reads the CA bundle: each connection's client would pay for it on its first call.
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    default = llm._ssl_context()
+    assert llm._http_client()._transport.ssl_context is default
+    assert llm._http_client()._transport.ssl_context is default
+    # A CA bundle named by the environment (a flow's environment_variables may name one) gets its own context.
+    monkeypatch.setenv("SSL_CERT_FILE", certifi.where())
+    named = llm._ssl_context()
+    assert named is not default and named.cert_store_stats()["x509_ca"] > 0
+    assert llm._http_client()._transport.ssl_context is named

@@ -232,7 +232,7 @@ import sys
 
 
 def loaded() -> list:
-    return [name for name in ("flowengine.llm", "aiohttp") if name in sys.modules]
+    return [name for name in ("flowengine.llm", "flowengine.tools.llm_tool", "aiohttp") if name in sys.modules]
 """
 
 
@@ -251,4 +251,8 @@ async def _loaded_modules(tmp_path: Path, *, prepare: bool) -> list[str]:
 async def test_a_runner_told_to_prepare_loads_the_llm_path_before_its_first_line(tmp_path):
     # A spare runner started ahead of its run gets "prepare": its first line then finds the LLM path loaded.
     assert await _loaded_modules(tmp_path, prepare=False) == []
-    assert await _loaded_modules(tmp_path, prepare=True) == ["flowengine.llm", "aiohttp"]
+    assert await _loaded_modules(tmp_path, prepare=True) == [
+        "flowengine.llm",
+        "flowengine.tools.llm_tool",
+        "aiohttp",
+    ]
