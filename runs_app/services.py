@@ -534,6 +534,7 @@ def run_create(
                 status=ChunkStatus.DONE if done else ChunkStatus.QUEUED,
                 enqueued_at=None if done else now,
                 finished_at=now if done else None,
+                tokens=_chunk_tokens(run, part[0], part[-1] + 1) if done else {},
             )
         )
     RunChunk.objects.bulk_create(chunks, batch_size=500)
@@ -1008,6 +1009,15 @@ def _counts(run_id: Any) -> tuple[int, int]:
 def _recount(run_id: Any, **extra: Any) -> None:
     done, failed = _counts(run_id)
     Run.objects.filter(pk=run_id).update(done_lines=done, failed_lines=failed, **extra)
+
+
+def _chunk_tokens(run: Run, start: int, stop: int) -> dict[str, int]:
+    """The token usage of the run's lines in [start, stop): a done chunk keeps it, and the run's total sums them."""
+    return _sum_usage(
+        LineResult.objects.filter(run=run, line_number__gte=start, line_number__lt=stop).values_list(
+            "usage", flat=True
+        )
+    )
 
 
 def _sum_usage(usages: Iterable[Mapping[str, Any] | None]) -> dict[str, int]:
@@ -1693,7 +1703,8 @@ class _Execution:
                 complete = holder.reported >= holder.to_run
                 if holder.writer.due() or finished or complete:
                     holder.writer.flush()
-                    if not holder.writer.beat(force=finished or complete) and not (finished or complete):
+                    # A chunk that is through gets its heartbeat and counts when it is closed, below.
+                    if not (finished or complete) and not holder.writer.beat():
                         stopped = True
                 if complete and not stopped:
                     _close_chunk(run, holder, self.spec)
@@ -1765,11 +1776,7 @@ def _close_chunk(run: Run, holder: _Held, spec: _RunnerSpec | None) -> None:
     """A held chunk whose lines have all reported: mark it done and, after the run's last one, aggregate."""
     holder.closed = True
     chunk = holder.chunk
-    tokens = _sum_usage(
-        LineResult.objects.filter(
-            run=run, line_number__gte=chunk.start, line_number__lt=chunk.stop
-        ).values_list("usage", flat=True)
-    )
+    tokens = _chunk_tokens(run, chunk.start, chunk.stop)
     finished_at = timezone.now()
     done = RunChunk.objects.filter(pk=chunk.pk, claim_token=holder.token, status=ChunkStatus.RUNNING).update(
         status=ChunkStatus.DONE, finished_at=finished_at, heartbeat_at=finished_at, tokens=tokens
@@ -1825,7 +1832,7 @@ def _fail_lost_chunk(run: Run, chunk: RunChunk, token: str, existing: set[int]) 
     run_log_write(run=run, text=message)
     now = timezone.now()
     if RunChunk.objects.filter(pk=chunk.pk, claim_token=token).update(
-        status=ChunkStatus.DONE, finished_at=now
+        status=ChunkStatus.DONE, finished_at=now, tokens=_chunk_tokens(run, chunk.start, chunk.stop)
     ):
         _recount(run.pk)
         _maybe_aggregate(run.pk, None)
@@ -1919,9 +1926,7 @@ def run_aggregate(*, run_id: Any, spec: Any = None) -> None:
             run_log_write(run=run, text=f"aggregation failed: {error.get('message')}")
     _loop().submit(_close_warm(f"{run.pk}:{run.snapshot_id}"))
     done, failed = _counts(run.pk)
-    tokens = _sum_usage(
-        LineResult.objects.filter(run=run).values_list("usage", flat=True).iterator(chunk_size=2000)
-    )
+    tokens = _sum_usage(RunChunk.objects.filter(run=run).values_list("tokens", flat=True))
     finished = timezone.now()
     # A run with failed lines is still Completed, as in prompt flow.
     changed = Run.objects.filter(

@@ -8,7 +8,7 @@ import pytest
 
 from runs_app import services
 from runs_app.models import ChunkStatus, LineResult, Run, RunChunk, RunStatus
-from tests.runs_app.conftest import jsonl, square_files, wait_for
+from tests.runs_app.conftest import corpus_files, jsonl, square_files, wait_for
 
 PAUSED = {"x": "${data.x}", "pause": "${data.pause}"}
 
@@ -126,3 +126,45 @@ def test_rerun_of_selected_lines_computes_only_those(owner, run_workers):
     assert any("2 lines to run, 48 already done" in text for text in texts), texts
     assert again.resumed_from_id == first.pk
     assert again.metrics == first.metrics
+
+
+def _line_tokens(run: Run) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for usage in LineResult.objects.filter(run=run).values_list("usage", flat=True):
+        for key, value in (usage or {}).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def test_a_rerun_counts_the_tokens_of_the_lines_it_copies(owner, run_workers, fake_llm):
+    # A run's token total sums its chunks': a chunk copied whole from the first run brings its lines' tokens.
+    from flows_app.services import connection_create, flow_create
+
+    connection_create(
+        owner=owner,
+        name="fake_openai",
+        type="open_ai",
+        configs={"base_url": fake_llm.base_url},
+        secrets={"api_key": "sk-test-123456"},
+    )
+    flow = flow_create(owner=owner, name="chat", files=corpus_files("dag_llm_chat"))
+    questions = [{"question": f"question {i}?"} for i in range(200)]
+    dataset = services.dataset_create(owner=owner, name="q", filename="q.jsonl", data=jsonl(questions))
+    run_workers.start(concurrency=2)
+    first = services.run_create(
+        user=owner,
+        flow_version=flow.head,
+        dataset=dataset,
+        column_mapping={"question": "${data.question}"},
+        concurrency=16,
+    )
+    wait_for(
+        lambda: _status(first, RunStatus.COMPLETED), timeout=60, what="the first run", logs=run_workers.logs
+    )
+    again = services.run_rerun_lines(user=owner, run=first, line_numbers=[3])
+    wait_for(lambda: _status(again, RunStatus.COMPLETED), timeout=60, what="the rerun", logs=run_workers.logs)
+
+    assert first.tokens["total_tokens"] > 0 and first.tokens == _line_tokens(first)
+    copied = RunChunk.objects.filter(run=again, attempts=0, status=ChunkStatus.DONE)
+    assert copied.exists() and all(chunk.tokens for chunk in copied)
+    assert again.tokens == _line_tokens(again) == first.tokens
