@@ -1664,9 +1664,13 @@ class _Execution:
         self.out: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.feed: asyncio.Queue[list[tuple[int, dict[str, Any]]] | None] = asyncio.Queue()
         self.future = _loop().submit(_run_lines(spec, lines, self.out, {}, self.feed))
+        # Wakes `follow` the moment the lines are over, rather than at its next look.
+        self.future.add_done_callback(lambda _future: self.out.put(("over", None)))
 
     def take(self, kind: str, item: Any) -> None:
-        """One report of the execution: a line, a log, a death, or hunger for more lines."""
+        """One report of the execution: a line, a log, a death, hunger for more lines, or the end of its lines."""
+        if kind == "over":
+            return
         if kind == "hungry":
             more = _take_on(self.run, self.engine_flow, self.held)
             if more is None:
