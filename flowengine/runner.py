@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import contextvars
 import faulthandler
+import fcntl
 import gc
 import json
 import os
@@ -45,6 +46,7 @@ _CURRENT: contextvars.ContextVar[tuple[str, int | None] | None] = contextvars.Co
 STREAM_LIMIT = 256 * 1024 * 1024
 DEFAULT_CONCURRENCY = 128
 GC_THRESHOLD = 20_000
+PIPE_SIZE = 1 << 20
 _ENV_REF = re.compile(r"^\$\{([^.{}]+)\.([^{}]+)\}$")
 
 
@@ -576,6 +578,10 @@ def serve_stdio(limits: Limits, concurrency: int) -> int:
     """Serve the protocol on fd 0 (requests) and fd 1 (replies) until exit."""
     # The protocol keeps a private copy of the original stdout; fd 1 and 2 then belong to user code.
     protocol_fd = os.dup(1)
+    with contextlib.suppress(OSError, AttributeError):
+        # One turn's replies (a hundred lines finishing, with their traces) outgrow a pipe's default 64 KB: the
+        # runner would wait mid-round for its caller to read. Linux lets a pipe grow to pipe-max-size.
+        fcntl.fcntl(protocol_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     crash_fd = os.dup(2)
     faulthandler.enable(file=os.fdopen(crash_fd, "w", closefd=False), all_threads=True)
     runner_ref: list[Runner] = []

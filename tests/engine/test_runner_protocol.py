@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -256,3 +258,26 @@ async def test_a_runner_told_to_prepare_loads_the_llm_path_before_its_first_line
         "flowengine.tools.llm_tool",
         "aiohttp",
     ]
+
+
+def test_the_runner_widens_its_reply_pipe_to_hold_a_round_of_replies():
+    # A hundred lines finishing in one turn, with their traces, outgrow a pipe's default 64 KB: with a wider pipe
+    # the runner does not stop mid-round until its caller reads.
+    from flowengine.runner import PIPE_SIZE
+
+    read_end, write_end = os.pipe()
+    assert fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) < PIPE_SIZE
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowengine.runner"],
+        stdin=subprocess.PIPE,
+        stdout=write_end,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    os.close(write_end)
+    try:
+        proc.communicate(json.dumps({"op": "exit"}).encode() + b"\n", timeout=30)
+        assert proc.returncode == 0
+        assert fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) == PIPE_SIZE
+    finally:
+        os.close(read_end)
