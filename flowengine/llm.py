@@ -174,6 +174,7 @@ def _ssl_context() -> Any:
 
 @functools.cache
 def _ssl_context_for(cafile: str | None, capath: str | None) -> Any:
+    """One context per pair of CA settings (the SDK's library reads them from the environment itself)."""
     base = next(c for c in openai.DefaultAsyncHttpxClient.__mro__ if not c.__module__.startswith("openai"))
     return importlib.import_module(base.__module__.split(".")[0]).create_ssl_context()
 

@@ -119,6 +119,7 @@ def redis_broker(
     server = RedisServer(port=_free_port(), folder=folder)
     server.start()
     saved_url, saved_options = app.conf.broker_url, dict(app.conf.broker_transport_options or {})
+    saved_transport = app.conf.broker_transport
     # Celery prefers these variables to its settings: the shared broker of an integration session must not
     # get this test's messages.
     for name in ("CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL"):
@@ -127,15 +128,18 @@ def redis_broker(
     monkeypatch.setenv("CELERY_BROKER_URL", server.url)
     run_workers.env["CELERY_BROKER_URL"] = server.url
     app.conf.broker_url = server.url
+    app.conf.broker_transport = None  # the embedded default names its filesystem transport
     app.conf.broker_transport_options = {}
     _reset_producers(app)
     with app.connection_for_write() as producer_connection:
         assert f":{server.port}/" in producer_connection.as_uri(), producer_connection.as_uri()
+        assert producer_connection.transport.driver_type == "redis"
     try:
         yield server
     finally:
         run_workers.stop_all()
         app.conf.broker_url = saved_url
+        app.conf.broker_transport = saved_transport
         app.conf.broker_transport_options = saved_options
         _reset_producers(app)
         if server.process is not None and server.process.poll() is None:
