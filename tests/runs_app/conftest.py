@@ -335,6 +335,27 @@ def corpus_files(name: str) -> dict[str, bytes]:
     return {p: d for p, d in files.items() if p not in ("cases.json", "expected.json")}
 
 
+def fake_openai_connection(owner: Any, fake_llm: Any) -> Any:
+    """The owner's connection `fake_openai` (the corpus flows' name) on the fake LLM."""
+    from flows_app.services import connection_create
+
+    return connection_create(
+        owner=owner,
+        name="fake_openai",
+        type="open_ai",
+        configs={"base_url": fake_llm.base_url},
+        secrets={"api_key": "sk-fake-openai-key"},
+    )
+
+
+def chat_flow_on(owner: Any, fake_llm: Any) -> Any:
+    """The corpus flow dag_llm_chat as the owner's flow "chat", its connection `fake_openai` on the fake LLM."""
+    from flows_app.services import flow_create
+
+    fake_openai_connection(owner, fake_llm)
+    return flow_create(owner=owner, name="chat", files=corpus_files("dag_llm_chat"))
+
+
 def corpus_case(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """cases.json and expected.json of a corpus flow."""
     folder = CORPUS / name

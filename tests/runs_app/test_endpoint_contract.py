@@ -27,9 +27,15 @@ import pytest
 from django.conf import settings
 
 from accounts_app.services import token_create
-from flows_app.services import connection_create, files_from_folder, flow_create
+from flows_app.services import files_from_folder, flow_create
 from runs_app.models import EndpointRequest
-from tests.runs_app.conftest import REPO, SESSION_DIR, database_url_for_children, wait_for
+from tests.runs_app.conftest import (
+    REPO,
+    SESSION_DIR,
+    database_url_for_children,
+    fake_openai_connection,
+    wait_for,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -125,13 +131,7 @@ def _api(studio: Served, token: str) -> httpx.Client:
 @pytest.fixture
 def deployed(studio: Served, owner: Any, fake_llm: Any) -> Deployed:
     """The corpus chat flow (an llm node on `fake_openai`, a python node counting turns), deployed by API."""
-    connection_create(
-        owner=owner,
-        name="fake_openai",
-        type="open_ai",
-        configs={"base_url": fake_llm.base_url},
-        secrets={"api_key": "sk-fake-openai-key"},
-    )
+    fake_openai_connection(owner, fake_llm)
     files = files_from_folder(root=DATA / "flows" / "dag_chat")
     files = {p: d for p, d in files.items() if p not in ("cases.json", "expected.json")}
     flow = flow_create(owner=owner, name="dag_chat", files=files)

@@ -27,8 +27,8 @@ from tests.runs_app.conftest import (
     CORPUS,
     WorkerPool,
     _reset_producers,
+    chat_flow_on,
     corpus_case,
-    corpus_files,
     jsonl,
     wait_for,
 )
@@ -162,19 +162,10 @@ def _recorded_outputs() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 def test_a_broker_restart_that_loses_the_queued_messages_does_not_lose_the_run(
     owner, run_workers, redis_broker, fake_llm
 ):
-    from flows_app.services import connection_create, flow_create
-
     logs = run_workers.logs
     run_workers.start(concurrency=1)
     run_workers.start(concurrency=1)
-    connection_create(
-        owner=owner,
-        name="fake_openai",
-        type="open_ai",
-        configs={"base_url": fake_llm.base_url},
-        secrets={"api_key": "sk-fake-openai-key"},
-    )
-    flow = flow_create(owner=owner, name="chat", files=corpus_files("dag_llm_chat"))
+    flow = chat_flow_on(owner, fake_llm)
     rows, recorded = _recorded_outputs()
     data = [rows[i % len(rows)] for i in range(LINES)]
     dataset = services.dataset_create(owner=owner, name="qs", filename="qs.jsonl", data=jsonl(data))

@@ -8,7 +8,7 @@ import pytest
 
 from runs_app import services
 from runs_app.models import ChunkStatus, LineResult, Run, RunChunk, RunStatus
-from tests.runs_app.conftest import corpus_files, jsonl, square_files, wait_for
+from tests.runs_app.conftest import chat_flow_on, jsonl, square_files, wait_for
 
 PAUSED = {"x": "${data.x}", "pause": "${data.pause}"}
 
@@ -138,16 +138,7 @@ def _line_tokens(run: Run) -> dict[str, int]:
 
 def test_a_rerun_counts_the_tokens_of_the_lines_it_copies(owner, run_workers, fake_llm):
     # A run's token total sums its chunks': a chunk copied whole from the first run brings its lines' tokens.
-    from flows_app.services import connection_create, flow_create
-
-    connection_create(
-        owner=owner,
-        name="fake_openai",
-        type="open_ai",
-        configs={"base_url": fake_llm.base_url},
-        secrets={"api_key": "sk-test-123456"},
-    )
-    flow = flow_create(owner=owner, name="chat", files=corpus_files("dag_llm_chat"))
+    flow = chat_flow_on(owner, fake_llm)
     questions = [{"question": f"question {i}?"} for i in range(200)]
     dataset = services.dataset_create(owner=owner, name="q", filename="q.jsonl", data=jsonl(questions))
     run_workers.start(concurrency=2)
