@@ -516,10 +516,11 @@ def run_create(
     if not run.display_name:
         run.display_name = run.name
         run.save(update_fields=["display_name"])
-    existing: set[int] = set()
+    # The copied lines' usage, by line number: a chunk copied whole is done, with its lines' tokens.
+    existing: dict[int, Any] = {}
     if reuse_lines_from is not None:
         _copy_lines(source=reuse_lines_from, target=run, exclude=set(rerun_lines or ()))
-        existing = set(LineResult.objects.filter(run=run).values_list("line_number", flat=True))
+        existing = dict(LineResult.objects.filter(run=run).values_list("line_number", "usage"))
     now = timezone.now()
     chunks = []
     for index, begin in enumerate(range(0, len(numbers), size)):
@@ -534,7 +535,7 @@ def run_create(
                 status=ChunkStatus.DONE if done else ChunkStatus.QUEUED,
                 enqueued_at=None if done else now,
                 finished_at=now if done else None,
-                tokens=_chunk_tokens(run, part[0], part[-1] + 1) if done else {},
+                tokens=_sum_usage(existing[n] for n in part) if done else {},
             )
         )
     RunChunk.objects.bulk_create(chunks, batch_size=500)
