@@ -15,7 +15,6 @@ import io
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -129,7 +128,7 @@ def span(name: str, kind: str = "function", inputs: Any = None) -> Iterator[Span
     if ctx is not None and not ctx.trace:
         yield from _untraced_span(ctx)
         return
-    span_id = uuid.uuid4().hex[:16]
+    span_id = hooks.new_span_id()
     parent = _span.get()
     handle = SpanHandle(span_id)
     token = _span.set(span_id)
@@ -196,7 +195,7 @@ def _hook_sink(ctx: RunContext) -> Callable[[dict[str, Any]], None]:
         kind = data.get("kind")
         ctx.sink(
             TraceSpan(
-                span_id=str(data.get("span_id") or uuid.uuid4().hex[:16]),
+                span_id=str(data.get("span_id") or hooks.new_span_id()),
                 parent_id=data.get("parent_id"),
                 name=str(data.get("name") or ""),
                 kind=kind if kind in ("flow", "node", "llm", "function") else "function",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import enum
+import functools
 import math
 import traceback as _traceback
 from collections.abc import Mapping
@@ -113,10 +114,16 @@ class Event:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict that includes the event `type`."""
         data: dict[str, Any] = {"type": self.type}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            data[f.name] = value.to_dict() if isinstance(value, ErrorInfo) else to_jsonable(value)
+        for name in _field_names(type(self)):
+            value = getattr(self, name)
+            data[name] = value.to_dict() if isinstance(value, ErrorInfo) else to_jsonable(value)
         return data
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    # dataclasses.fields() builds its answer anew on every call; a runner sends several events per line.
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 @dataclass(frozen=True)

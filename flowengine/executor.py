@@ -338,6 +338,28 @@ class FlowExecutor:
         async for event in self._drive(body, line_number, event_types):
             yield event
 
+    async def run_line_into(
+        self,
+        emit: Callable[[Event], None],
+        inputs: Mapping[str, Any],
+        *,
+        line_number: int | None = None,
+        node: str | None = None,
+        stream: bool = False,
+        event_types: Collection[str] | None = None,
+    ) -> None:
+        """Run one line in the calling task, handing each event to `emit` (on this loop's thread) as it comes.
+
+        Arguments and events are those of `run_line`. Without a task and a queue of its own, a line that gets its
+        LLM answer goes on to its end, and its caller to its next line, in the same pass of the event loop: with
+        many lines in flight, the lines whose answers arrived together no longer wait for each other's every step.
+        The caller's task must be the line's alone while it runs (its context variables become the line's).
+        """
+        body = self._line_body(dict(inputs), line_number, node, stream)
+        ctx = self._line_context(asyncio.get_running_loop(), emit, line_number, event_types)
+        ctxmod.install_output_capture()
+        await self._enter(body, ctx)
+
     async def run_line_result(self, inputs: Mapping[str, Any], **kwargs: Any) -> LineResult:
         """Run one line and collect it into a LineResult (with every event)."""
         events: list[Event] = []
@@ -383,30 +405,11 @@ class FlowExecutor:
         """Run `body` as its own task with a fresh RunContext and relay the events it emits."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        put: Callable[[Any], None] = queue.put_nowait
-        if event_types is not None:
-            wanted = frozenset(event_types) | {LineCompleted.type}
-            relay = put
-
-            def put(event: Any) -> None:
-                # Unwanted events stop here rather than travel through the queue to be dropped later.
-                if event.type in wanted:
-                    relay(event)
-
-        ctx = ctxmod.RunContext(
-            sink=ctxmod.make_threadsafe_sink(loop, put),
-            line_number=line_number,
-            connections=self.connections,
-            flow_dir=str(self.flow.path),
-            trace=event_types is None or TraceSpan.type in event_types,
-        )
+        ctx = self._line_context(loop, queue.put_nowait, line_number, event_types)
 
         async def runner() -> None:
-            ctxmod.set_run(ctx)
-            ctxmod.set_node(None)
-            ctxmod.set_span(None)
             try:
-                await body(ctx)
+                await self._enter(body, ctx)
             finally:
                 queue.put_nowait(_DONE)
 
@@ -427,6 +430,38 @@ class FlowExecutor:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+
+    def _line_context(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        put: Callable[[Event], None],
+        line_number: int | None,
+        event_types: Collection[str] | None,
+    ) -> ctxmod.RunContext:
+        """A fresh RunContext whose events (of `event_types`, when given) go to `put` on `loop`'s thread."""
+        if event_types is not None:
+            wanted = frozenset(event_types) | {LineCompleted.type}
+            relay = put
+
+            def put(event: Event) -> None:
+                # Unwanted events stop here rather than travel on to be dropped later.
+                if event.type in wanted:
+                    relay(event)
+
+        return ctxmod.RunContext(
+            sink=ctxmod.make_threadsafe_sink(loop, put),
+            line_number=line_number,
+            connections=self.connections,
+            flow_dir=str(self.flow.path),
+            trace=event_types is None or TraceSpan.type in event_types,
+        )
+
+    @staticmethod
+    async def _enter(body: Callable[[ctxmod.RunContext], Awaitable[None]], ctx: ctxmod.RunContext) -> None:
+        ctxmod.set_run(ctx)
+        ctxmod.set_node(None)
+        ctxmod.set_span(None)
+        await body(ctx)
 
     def _error(self, exc: BaseException, node: str | None = None) -> ErrorInfo:
         if isinstance(exc, _NodeFailure):

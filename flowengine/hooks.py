@@ -13,8 +13,8 @@ import functools
 import inspect
 import json
 import math
+import random
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -22,6 +22,12 @@ from typing import Any, TypeVar
 F = TypeVar("F", bound=Callable[..., Any])
 
 TOOL_ATTR = "__flowengine_tool__"
+
+
+def new_span_id() -> str:
+    """A 16-hex-digit span id: unique within a trace, not a secret, so it costs no system call."""
+    # The random module reseeds in a forked child, so runners forked from one parent do not share ids.
+    return f"{random.getrandbits(64):016x}"
 
 
 # -- tool -----------------------------------------------------------------------------------------------
@@ -209,7 +215,7 @@ def json_safe(value: Any, _depth: int = 0) -> Any:
 class _Span:
     def __init__(self, name: str, inputs: dict[str, Any]) -> None:
         self.sink = _span_sink.get()
-        self.span_id = uuid.uuid4().hex[:16]
+        self.span_id = new_span_id()
         self.parent_id = _current_span.get()
         self.name = name
         self.inputs = inputs

@@ -224,9 +224,13 @@ class Runner:
         self.writer = writer
         self.executor: Any = None
         self.flow: Any = None
+        # The task running each line in flight, and the lines sent ahead that wait for one to end.
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.waiting: dict[str, Mapping[str, Any]] = {}
         self.active: dict[str, int | None] = {}
-        self.semaphore = asyncio.Semaphore(max(1, concurrency))
+        self.concurrency = max(1, concurrency)
+        self._slots: set[asyncio.Task[None]] = set()
+        self._canceled: set[str] = set()
         self.memory_mb = memory_mb
         self.streams: list[LineStream] = []
 
@@ -295,7 +299,7 @@ class Runner:
             if request.get("concurrency"):
                 # No line runs before init, so the bound can still change: a runner spawned ahead of its run
                 # (a spare) takes the run's own.
-                self.semaphore = asyncio.Semaphore(max(1, int(request["concurrency"])))
+                self.concurrency = max(1, int(request["concurrency"]))
             self.executor = self._build_executor(request)
             # What is loaded by now (engine, LLM SDK, flow) lives as long as the runner: keep it out of the
             # collector's full passes, which otherwise stall every line in flight for a few hundred ms.
@@ -343,58 +347,74 @@ class Runner:
         )
 
     def start_line(self, request: Mapping[str, Any]) -> None:
-        """Run one line as a task on the loop."""
-        request_id = str(request["id"])
-        task = asyncio.get_running_loop().create_task(self._run_line(request_id, request))
-        self.tasks[request_id] = task
-        task.add_done_callback(lambda _t: self.tasks.pop(request_id, None))
+        """Run one line in a free slot, or keep it until a line in flight ends."""
+        if len(self._slots) >= self.concurrency:
+            request_id = str(request["id"])
+            self.waiting[request_id] = request
+            # Sent ahead, it waits for a line in flight to end: the caller's timeout starts when it does.
+            self.writer.send({"id": request_id, "queued": True})
+            return
+        slot = asyncio.get_running_loop().create_task(self._slot(request))
+        self._slots.add(slot)
+        slot.add_done_callback(self._slots.discard)
 
-    async def _run_line(self, request_id: str, request: Mapping[str, Any]) -> None:
+    async def _slot(self, request: Mapping[str, Any] | None) -> None:
+        # A slot runs its lines one after another in one task: a line that ends starts the next waiting one in
+        # the same pass of the event loop, up to its first wait (its LLM call), before other lines' next steps.
+        while request is not None:
+            await self._run_line(request)
+            request = None
+            if self.waiting:
+                request_id = next(iter(self.waiting))
+                request = self.waiting.pop(request_id)
+                self.writer.send({"id": request_id, "started": True})
+
+    async def _run_line(self, request: Mapping[str, Any]) -> None:
         from flowengine import events
 
+        request_id = str(request["id"])
         line_number = request.get("line_number")
         started = time.perf_counter()
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks[request_id] = task
         _CURRENT.set((request_id, line_number))
         finished = False
+        wanted = set(request.get("events") or ())
+
+        def emit(ev: Any) -> None:
+            nonlocal finished
+            if finished:
+                return  # a sync tool's late event, after the line's end
+            if isinstance(ev, events.LineCompleted):
+                self._flush_logs(request_id, line_number)
+                ev = self._explain_memory_error(ev)
+                finished = True
+            elif wanted and ev.type not in wanted:
+                return
+            self.send_event(request_id, ev)
+
         try:
-            waiting = self.semaphore.locked()
-            if waiting:
-                # Sent ahead, it waits for a line in flight to end: the caller's timeout starts when it does.
-                self.writer.send({"id": request_id, "queued": True})
-            async with self.semaphore:
-                if waiting:
-                    self.writer.send({"id": request_id, "started": True})
-                self.active[request_id] = line_number
-                if self.executor is None:
-                    raise RuntimeError("the runner has no flow loaded: send an init request first")
-                wanted = set(request.get("events") or ())
-                async for ev in self.executor.run_line(
-                    dict(request.get("inputs") or {}),
-                    line_number=line_number,
-                    node=request.get("node"),
-                    stream=bool(request.get("stream")),
-                    event_types=wanted or None,
-                ):
-                    if isinstance(ev, events.LineCompleted):
-                        self._flush_logs(request_id, line_number)
-                        ev = self._explain_memory_error(ev)
-                        finished = True
-                    elif wanted and ev.type not in wanted:
-                        continue
-                    self.send_event(request_id, ev)
+            self.active[request_id] = line_number
+            if self.executor is None:
+                raise RuntimeError("the runner has no flow loaded: send an init request first")
+            await self.executor.run_line_into(
+                emit,
+                dict(request.get("inputs") or {}),
+                line_number=line_number,
+                node=request.get("node"),
+                stream=bool(request.get("stream")),
+                event_types=wanted or None,
+            )
             if not finished:
                 raise RuntimeError("the executor ended the line without a LineCompleted event")
         except asyncio.CancelledError:
             if not finished:
-                self._flush_logs(request_id, line_number)
-                info = events.ErrorInfo(
-                    code="UserError",
-                    type="LineCanceled",
-                    message=f"line {line_number} was canceled",
-                    node=None,
-                    traceback=None,
-                )
-                self.send_event(request_id, self.failed_line(line_number, info, started))
+                self._send_canceled(request_id, line_number, started)
+            if request_id not in self._canceled:
+                raise
+            # This line was canceled, not its slot: the slot goes on with the next line.
+            task.uncancel()
         except BaseException as exc:
             if not finished:
                 self._flush_logs(request_id, line_number)
@@ -402,8 +422,23 @@ class Runner:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            self._canceled.discard(request_id)
+            self.tasks.pop(request_id, None)
             self.active.pop(request_id, None)
             self.done(request_id)
+
+    def _send_canceled(self, request_id: str, line_number: int | None, started: float) -> None:
+        from flowengine import events
+
+        self._flush_logs(request_id, line_number)
+        info = events.ErrorInfo(
+            code="UserError",
+            type="LineCanceled",
+            message=f"line {line_number} was canceled",
+            node=None,
+            traceback=None,
+        )
+        self.send_event(request_id, self.failed_line(line_number, info, started))
 
     def _flush_logs(self, request_id: str, line_number: int | None) -> None:
         for stream in self.streams:
@@ -446,9 +481,15 @@ class Runner:
             self.done(request_id)
 
     def cancel(self, request_id: str) -> None:
-        """Cancel one running line."""
+        """Cancel one line, running or waiting."""
+        request = self.waiting.pop(request_id, None)
+        if request is not None:
+            self._send_canceled(request_id, request.get("line_number"), time.perf_counter())
+            self.done(request_id)
+            return
         task = self.tasks.get(request_id)
         if task is not None:
+            self._canceled.add(request_id)
             task.cancel()
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
@@ -479,9 +520,11 @@ class Runner:
                 _prepare_engine()
             elif op == "exit":
                 break
-        for task in list(self.tasks.values()) + list(background):
+        for request_id in list(self.waiting):
+            self.cancel(request_id)
+        for task in list(self._slots) + list(background):
             task.cancel()
-        pending = list(self.tasks.values()) + list(background)
+        pending = list(self._slots) + list(background)
         if pending:
             await asyncio.wait(pending, timeout=5)
         if self.executor is not None:

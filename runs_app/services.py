@@ -1129,6 +1129,18 @@ def _spare_concurrency() -> int:
     return max(1, min(int(_setting("STUDIO_RUN_CONCURRENCY", DEFAULT_CONCURRENCY)), MAX_CONCURRENCY))
 
 
+def _close_soon(runner: Any) -> None:
+    """Close a runner in the background: what comes next does not wait for its exit."""
+
+    async def close() -> None:
+        with contextlib.suppress(Exception):
+            await runner.close()
+
+    task = asyncio.get_running_loop().create_task(close())
+    _spare_tasks.add(task)
+    task.add_done_callback(_spare_tasks.discard)
+
+
 def _spawn_spare_soon(*, when_idle: bool) -> None:
     task = asyncio.get_running_loop().create_task(_spawn_spare(when_idle=when_idle))
     _spare_tasks.add(task)
@@ -1159,9 +1171,7 @@ def _take_spare(concurrency: int) -> Any:
     if spare is None:
         return None
     if spare.proc is None or spare.proc.returncode is not None:
-        task = asyncio.get_running_loop().create_task(spare.close())
-        _spare_tasks.add(task)
-        task.add_done_callback(_spare_tasks.discard)
+        _close_soon(spare)
         return None
     spare.concurrency = max(concurrency, 1)
     spare.max_concurrency = min(spare.concurrency, MAX_TOOL_THREADS)
@@ -1196,7 +1206,9 @@ async def _runner_for(spec: _RunnerSpec) -> Any:
         and not warm.runner._expired
     ):
         return warm.runner
-    await _close_warm()
+    # Other runs' runners exit in the background (they may take a while to close their connections).
+    for name in list(_warm):
+        _close_soon(_warm.pop(name).runner)
     runner = _take_spare(spec.concurrency) or _new_runner(spec.concurrency)
     runner.line_timeout = spec.line_timeout
     try:

@@ -281,3 +281,122 @@ def test_the_runner_widens_its_reply_pipe_to_hold_a_round_of_replies():
         assert fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) == PIPE_SIZE
     finally:
         os.close(read_end)
+
+
+GATE_FLOW_YAML = """
+inputs:
+  role: {type: string}
+outputs:
+  role: {type: string, reference: "${gate.output}"}
+nodes:
+- name: gate
+  type: python
+  source: {type: code, path: gate.py}
+  inputs: {role: "${inputs.role}"}
+"""
+
+GATE_PY = """
+import asyncio
+
+OPEN = None
+
+
+async def gate(role: str) -> str:
+    global OPEN
+    OPEN = OPEN or asyncio.Event()
+    if role == "wait":
+        await OPEN.wait()
+    elif role == "open":
+        await asyncio.sleep(0.2)
+        OPEN.set()
+    elif role == "slow":
+        await asyncio.sleep(30)
+    return role
+"""
+
+
+async def _gate_runner(tmp_path: Path, concurrency: int) -> RawRunner:
+    flow = tmp_path / "gate"
+    flow.mkdir()
+    (flow / "flow.dag.yaml").write_text(textwrap.dedent(GATE_FLOW_YAML))
+    (flow / "gate.py").write_text(textwrap.dedent(GATE_PY))
+    runner = await RawRunner.spawn()
+    init = {"op": "init", "id": "init", "flow_dir": str(flow), "connections": {}, "concurrency": concurrency}
+    await runner.send(init)
+    assert await runner.until_done("init") == []
+    return runner
+
+
+async def _line(runner: RawRunner, request_id: str, role: str, number: int) -> None:
+    await runner.send({"op": "line", "id": request_id, "inputs": {"role": role}, "line_number": number})
+
+
+async def _wire_until_done(runner: RawRunner, ids: set[str]) -> list[dict[str, Any]]:
+    """Every message until each of `ids` is done, in the order the runner wrote them."""
+    messages, open_ids = [], set(ids)
+    while open_ids:
+        msg = await runner.read()
+        messages.append(msg)
+        if msg.get("done"):
+            open_ids.discard(msg["id"])
+    return messages
+
+
+async def _events(runner: RawRunner, ids: set[str]) -> dict[str, list[dict[str, Any]]]:
+    events: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+    for msg in await _wire_until_done(runner, ids):
+        if "event" in msg and msg["id"] in events:
+            events[msg["id"]].append(msg["event"])
+    return events
+
+
+async def test_a_line_that_ends_starts_the_next_waiting_line_before_other_lines_go_on(tmp_path):
+    # "open" wakes "wait" and then ends: the line waiting for a slot starts at once, in the same pass of the
+    # runner's loop, before the line it woke goes on. With many lines in flight, answers that arrive together
+    # then each send their next line's request in turn, instead of all waiting for every other's steps.
+    runner = await _gate_runner(tmp_path, concurrency=2)
+    await _line(runner, "wait", "wait", 0)
+    await _line(runner, "open", "open", 1)
+    await _line(runner, "next", "none", 2)
+    wire = await _wire_until_done(runner, {"wait", "open", "next"})
+    order = [(m["id"], m.get("event", {}).get("type") or next(k for k in m if k != "id")) for m in wire]
+    assert ("next", "queued") in order
+    assert order.index(("next", "started")) < order.index(("wait", "line_completed"))
+    assert order.index(("open", "line_completed")) < order.index(("next", "started"))
+    for msg in wire:
+        if msg.get("event", {}).get("type") == "line_completed":
+            assert msg["event"]["status"] == "Completed"
+            assert msg["event"]["outputs"] == {"role": msg["id"] if msg["id"] != "next" else "none"}
+    await runner.stop()
+
+
+async def test_a_canceled_line_leaves_its_slot_to_the_line_waiting_for_it(tmp_path):
+    runner = await _gate_runner(tmp_path, concurrency=1)
+    await _line(runner, "slow", "slow", 0)
+    await _line(runner, "after", "none", 1)
+    await asyncio.sleep(0.2)
+    await runner.send({"op": "cancel", "id": "slow"})
+    events = await _events(runner, {"slow", "after"})
+    assert events["slow"][-1]["status"] == "Failed"
+    assert events["slow"][-1]["error"]["type"] == "LineCanceled"
+    assert events["after"][-1]["status"] == "Completed"
+    assert events["after"][-1]["outputs"] == {"role": "none"}
+    await runner.stop()
+
+
+async def test_a_line_waiting_for_a_slot_can_be_canceled_before_it_starts(tmp_path):
+    runner = await _gate_runner(tmp_path, concurrency=1)
+    await _line(runner, "slow", "slow", 0)
+    await _line(runner, "waiting", "none", 1)
+    await runner.send({"op": "cancel", "id": "waiting"})
+    started = time.monotonic()
+    events = await _events(runner, {"waiting"})
+    assert time.monotonic() - started < 5
+    assert events["waiting"] == [events["waiting"][-1]]
+    assert events["waiting"][-1]["type"] == "line_completed"
+    assert events["waiting"][-1]["error"]["type"] == "LineCanceled"
+    # The running line is untouched: it is canceled only when asked.
+    await runner.send({"op": "cancel", "id": "slow"})
+    events = await _events(runner, {"slow"})
+    assert events["slow"][-1]["error"]["type"] == "LineCanceled"
+    await runner.stop()
