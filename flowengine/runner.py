@@ -383,6 +383,7 @@ class Runner:
         wanted = set(request.get("events") or ())
 
         def emit(ev: Any) -> None:
+            # Only events of `wanted` come here: the executor drops the others where they are made.
             nonlocal finished
             if finished:
                 return  # a sync tool's late event, after the line's end
@@ -390,8 +391,6 @@ class Runner:
                 self._flush_logs(request_id, line_number)
                 ev = self._explain_memory_error(ev)
                 finished = True
-            elif wanted and ev.type not in wanted:
-                return
             self.send_event(request_id, ev)
 
         try:
