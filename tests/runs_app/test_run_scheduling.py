@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -107,17 +108,13 @@ def test_an_idle_worker_process_keeps_a_spare_runner_that_the_next_run_starts_on
     wait_for(lambda: _runners_of(pool), timeout=30, what="a new spare runner", logs=run_workers.logs)
 
 
-@pytest.mark.integration
-@pytest.mark.django_db(transaction=True, databases="__all__")
-def test_a_pool_process_takes_on_the_runs_next_chunk_while_its_last_lines_finish(owner, run_workers):
+def _paused_square_run(owner: object) -> Run:
     from flows_app.services import flow_create
 
     flow = flow_create(owner=owner, name="square", files=square_files())
     rows = [{"x": i, "pause": 0.1} for i in range(150)]
     dataset = services.dataset_create(owner=owner, name="numbers", filename="numbers.jsonl", data=jsonl(rows))
-    run_workers.start(concurrency=1)
-
-    run = services.run_create(
+    return services.run_create(
         user=owner,
         flow_version=flow.head,
         dataset=dataset,
@@ -125,12 +122,18 @@ def test_a_pool_process_takes_on_the_runs_next_chunk_while_its_last_lines_finish
         concurrency=2,
     )
 
+
+def _assert_chunks_taken_on(run: Run, run_workers: object) -> list[RunChunk]:
+    """The run completes on one pool process, each chunk claimed before the one claimed before it finished."""
+
     def finished() -> Run | None:
         run.refresh_from_db()
         return run if run.status == RunStatus.COMPLETED else None
 
     wait_for(finished, timeout=90, what="the run to complete", logs=run_workers.logs)
-    chunks = list(RunChunk.objects.filter(run=run).order_by("index"))
+    # In the order they were claimed: a broker may hand out a run's messages in any order (the embedded one
+    # sorts those sent in the same millisecond at random), and the execution takes on the lowest chunk left.
+    chunks = list(RunChunk.objects.filter(run=run).order_by("claimed_at"))
     assert len(chunks) >= 3
     # One pool process: without taking chunks on, each chunk would start after the one before it ended.
     for before, after in zip(chunks, chunks[1:], strict=False):
@@ -141,3 +144,34 @@ def test_a_pool_process_takes_on_the_runs_next_chunk_while_its_last_lines_finish
         range(150)
     )
     assert run.metrics == {"sum": sum(i * i for i in range(150)), "lines": 150}
+    return chunks
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_a_pool_process_takes_on_the_runs_next_chunk_while_its_last_lines_finish(owner, run_workers):
+    run_workers.start(concurrency=1)
+    run = _paused_square_run(owner)
+
+    _assert_chunks_taken_on(run, run_workers)
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_an_execution_started_by_a_later_chunks_message_takes_on_the_earlier_chunks(owner, run_workers):
+    from runs_app.tasks import run_chunk_task
+    from studio.celery import app
+
+    run = _paused_square_run(owner)
+    # No worker yet: the run's messages wait in the broker. Send them again, the last chunk's first.
+    app.control.purge()
+    ids = list(RunChunk.objects.filter(run=run).order_by("index").values_list("pk", flat=True))
+    assert len(ids) == 3
+    for chunk_id in [ids[-1], *ids[:-1]]:
+        run_chunk_task.delay(chunk_id)
+        time.sleep(0.01)  # each in a millisecond of its own, so the embedded broker keeps this order
+    run_workers.start(concurrency=1)
+
+    chunks = _assert_chunks_taken_on(run, run_workers)
+
+    assert [c.index for c in chunks] == [2, 0, 1]
