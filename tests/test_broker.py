@@ -68,3 +68,12 @@ def test_the_embedded_default_sends_its_messages_through_this_transport():
         assert transports == {broker.FilesystemTransport}
     else:  # scale-out: the broker's own transport
         assert not any(issubclass(t, broker.FilesystemTransport) for t in transports)
+
+
+def test_messages_come_out_in_the_order_they_were_sent(channel):
+    # A run's chunks are sent one after the other, often in the same millisecond: they must come out in order.
+    chan, _queue_folder = channel
+    for number in range(200):
+        chan._put("celery", {"body": f"chunk {number}", "headers": {}})
+
+    assert [chan._get("celery")["body"] for _ in range(200)] == [f"chunk {n}" for n in range(200)]

@@ -131,8 +131,8 @@ def _assert_chunks_taken_on(run: Run, run_workers: object) -> list[RunChunk]:
         return run if run.status == RunStatus.COMPLETED else None
 
     wait_for(finished, timeout=90, what="the run to complete", logs=run_workers.logs)
-    # In the order they were claimed: a broker may hand out a run's messages in any order (the embedded one
-    # sorts those sent in the same millisecond at random), and the execution takes on the lowest chunk left.
+    # In the order they were claimed: a run's messages may come in any order (sent again by the reaper or
+    # after a broker restart), and the execution takes on the lowest chunk left.
     chunks = list(RunChunk.objects.filter(run=run).order_by("claimed_at"))
     assert len(chunks) >= 3
     # One pool process: without taking chunks on, each chunk would start after the one before it ended.
