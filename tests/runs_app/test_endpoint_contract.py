@@ -378,12 +378,15 @@ def test_a_client_that_leaves_mid_stream_stops_the_llm_call(
             assert any(line.startswith("data: ") for line in seen)
             assert fake_llm.stats()["inflight"] == 1
     started = time.monotonic()
-    wait_for(lambda: fake_llm.stats()["inflight"] == 0, timeout=2, what="the LLM call to stop")
+    wait_for(
+        lambda: fake_llm.stats()["inflight"] == 0, timeout=2, what="the LLM call to stop", logs=studio.output
+    )
     assert time.monotonic() - started < 2
     row = wait_for(
         lambda: EndpointRequest.objects.filter(endpoint__name="chat-ep").first(),
         timeout=10,
         what="the request row",
+        logs=studio.output,
     )
     assert (row.status, row.streamed) == (200, True)
 
