@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -169,7 +168,6 @@ def test_an_execution_started_by_a_later_chunks_message_takes_on_the_earlier_chu
     assert len(ids) == 3
     for chunk_id in [ids[-1], *ids[:-1]]:
         run_chunk_task.delay(chunk_id)
-        time.sleep(0.01)  # each in a millisecond of its own, so the embedded broker keeps this order
     run_workers.start(concurrency=1)
 
     chunks = _assert_chunks_taken_on(run, run_workers)
