@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1121,12 +1121,19 @@ def _new_runner(concurrency: int) -> Any:
 SPARE_IDLE_SECONDS = 1.0
 _spare: Any = None
 _spare_timer: asyncio.TimerHandle | None = None
-_spare_tasks: set[asyncio.Task[None]] = set()
+_background: set[asyncio.Task[None]] = set()
 _busy_chunks = 0
 
 
 def _spare_concurrency() -> int:
     return max(1, min(int(_setting("STUDIO_RUN_CONCURRENCY", DEFAULT_CONCURRENCY)), MAX_CONCURRENCY))
+
+
+def _soon(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` in the background on this loop, its task held until it ends."""
+    task = asyncio.get_running_loop().create_task(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def _close_soon(runner: Any) -> None:
@@ -1136,15 +1143,11 @@ def _close_soon(runner: Any) -> None:
         with contextlib.suppress(Exception):
             await runner.close()
 
-    task = asyncio.get_running_loop().create_task(close())
-    _spare_tasks.add(task)
-    task.add_done_callback(_spare_tasks.discard)
+    _soon(close())
 
 
 def _spawn_spare_soon(*, when_idle: bool) -> None:
-    task = asyncio.get_running_loop().create_task(_spawn_spare(when_idle=when_idle))
-    _spare_tasks.add(task)
-    task.add_done_callback(_spare_tasks.discard)
+    _soon(_spawn_spare(when_idle=when_idle))
 
 
 async def _spawn_spare(*, when_idle: bool = True) -> None:
