@@ -154,7 +154,8 @@ def run_and_wait(
             break
         if time.perf_counter() - started > timeout:
             raise RuntimeError(f"run {run.name} still {status} after {timeout} s")
-        time.sleep(0.05)
+        # Polled often enough that the figure is the run's time, not the wait for the next look.
+        time.sleep(0.01)
     wall = time.perf_counter() - started
     run.refresh_from_db()
     lines = LineResult.objects.filter(run=run)

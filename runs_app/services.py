@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import functools
+import itertools
 import json
 import logging
 import os
@@ -304,11 +305,12 @@ CHUNK_START_WAVES = 0.5
 
 
 def _chunk_size(total: int, concurrency: int) -> int:
-    """About 50 to 200 lines, in whole waves of the lines in flight (at least three) so no wave runs half empty.
+    """The most lines a chunk may take: about 50 to 200, in whole waves of the lines in flight (at least three).
 
     Of the few whole-wave sizes near that, the one whose chunks split most evenly over 2, 4, 6 or 8 pool
     processes: 21 chunks on 4 processes take 6 rounds, the last with one chunk running alone, where 16
-    slightly larger chunks take 4 (a second worker then adds its full share).
+    slightly larger chunks take 4 (a second worker then adds its full share). `_chunk_parts` then cuts the
+    run into that many chunks of equal length.
     """
     base = 50 if total <= 1000 else 100 if total <= 10000 else 200
     concurrency = max(1, concurrency)
@@ -326,6 +328,18 @@ def _chunk_size(total: int, concurrency: int) -> int:
 
     waves = min(range(least, least + 3), key=lambda w: (round(cost(w), 6), w))
     return min(waves * concurrency, 2000)
+
+
+def _chunk_parts(numbers: Sequence[int], size: int) -> list[Sequence[int]]:
+    """`numbers` cut into as few chunks as `size` allows, of equal length (one line apart at most).
+
+    An execution takes on the run's next chunk while its last lines finish, so a chunk's lines need not fill
+    whole waves; what counts is that the processes sharing a run get equal shares: 2,000 lines at 64 in
+    flight are 8 chunks of 250, 1,000 lines for each of two processes, not 1,024 for one and 976 for the other.
+    """
+    count = -(-len(numbers) // max(1, size))
+    bounds = [len(numbers) * i // count for i in range(count + 1)]
+    return [numbers[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def _node_connection_overrides(
@@ -490,6 +504,7 @@ def run_create(
         raise RunError(f"a run named '{name}' already exists; choose another name", field="name")
     numbers = [n for n, _ in lines]
     size = _chunk_size(len(numbers), concurrency)
+    parts = _chunk_parts(numbers, size)
     run = Run.objects.create(
         name=name or _default_name(flow.name if flow else "flow", engine_flow.kind, variant),
         display_name=display_name or "",
@@ -510,7 +525,7 @@ def run_create(
         init=dict(init or {}),
         concurrency=concurrency,
         line_timeout=line_timeout,
-        chunk_size=size,
+        chunk_size=max((len(part) for part in parts), default=size),
         total_lines=len(numbers),
     )
     if not run.display_name:
@@ -523,8 +538,7 @@ def run_create(
         existing = dict(LineResult.objects.filter(run=run).values_list("line_number", "usage"))
     now = timezone.now()
     chunks = []
-    for index, begin in enumerate(range(0, len(numbers), size)):
-        part = numbers[begin : begin + size]
+    for index, part in enumerate(parts):
         done = all(n in existing for n in part)
         chunks.append(
             RunChunk(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -48,10 +49,39 @@ def test_run_create_stores_the_chunk_size_and_chunks_that_cover_every_line_once(
     run = services.run_create(user=owner, flow_version=flow.head, dataset=dataset, column_mapping={})
 
     chunks = list(RunChunk.objects.filter(run=run).order_by("index"))
-    assert run.chunk_size == services._chunk_size(2000, run.concurrency)
-    assert [(c.start, c.stop) for c in chunks] == [
-        (start, min(start + run.chunk_size, 2000)) for start in range(0, 2000, run.chunk_size)
-    ]
+    sizes = [c.stop - c.start for c in chunks]
+    assert chunks[0].start == 0 and chunks[-1].stop == 2000
+    assert all(a.stop == b.start for a, b in itertools.pairwise(chunks))
+    assert len(chunks) == -(-2000 // services._chunk_size(2000, run.concurrency))
+    assert run.chunk_size == max(sizes) and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize(
+    ("total", "concurrency"), [(2000, 64), (2000, 32), (1000, 64), (200, 64), (20000, 32)]
+)
+def test_pool_processes_taking_turns_at_a_runs_chunks_get_equal_shares_of_its_lines(
+    db, owner, total, concurrency
+):
+    # 2,000 lines at 64 in flight were 7 chunks of 256 and one of 208: the process that took chunks 0, 2,
+    # 4 and 6 ran 1,024 lines, 48 more than the other, and the run waited on it.
+    from flows_app.services import flow_create
+
+    flow = flow_create(owner=owner, name="square", files=square_files())
+    dataset = services.dataset_create(
+        owner=owner, name="numbers", filename="numbers.jsonl", data=jsonl([{"x": i} for i in range(total)])
+    )
+
+    run = services.run_create(
+        user=owner, flow_version=flow.head, dataset=dataset, column_mapping={}, concurrency=concurrency
+    )
+
+    sizes = [c.stop - c.start for c in RunChunk.objects.filter(run=run).order_by("index")]
+    assert sum(sizes) == total and max(sizes) <= services._chunk_size(total, concurrency)
+    assert max(sizes) - min(sizes) <= 1
+    for processes in (2, 4):
+        if len(sizes) % processes == 0:
+            shares = [sum(sizes[i::processes]) for i in range(processes)]
+            assert max(shares) - min(shares) <= len(sizes) // processes, shares
 
 
 def _runners_of(pids: list[int]) -> list[int]:
