@@ -122,7 +122,11 @@ class ProtocolWriter:
 
     def send(self, message: Mapping[str, Any]) -> None:
         """Write one JSON line (at the end of this turn of the loop, when sent on the loop's thread)."""
-        data = (json.dumps(message, default=_json_default, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            data = (json.dumps(message, default=_json_default, ensure_ascii=False) + "\n").encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (text decoded with surrogateescape) has no UTF-8: escaped, it reads back the same.
+            data = (json.dumps(message, default=_json_default) + "\n").encode("ascii")
         if self._loop is not None and threading.get_ident() == self._loop_thread:
             if not self._pending:
                 self._loop.call_soon(self.flush)

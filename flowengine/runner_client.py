@@ -473,7 +473,12 @@ class RunnerProcess:
         proc = self.proc
         if proc is None or proc.stdin is None or proc.returncode is not None:
             raise ConnectionError("the runner is not running")
-        proc.stdin.write((json.dumps(message, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
+        try:
+            data = (json.dumps(message, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (a dataset's "\udc80") has no UTF-8: escaped, it reads back the same.
+            data = (json.dumps(message, default=str) + "\n").encode("ascii")
+        proc.stdin.write(data)
         await proc.stdin.drain()
 
     async def _read_events(self, proc: Any) -> None:

@@ -289,6 +289,32 @@ async def test_a_line_sent_ahead_gets_its_whole_timeout_from_when_it_starts(tmp_
     assert took >= 1.5
 
 
+ODD_VALUES_PY = """
+def act(action: str, size_mb: int = 0):
+    if action == "odd":
+        return {"big": 2 ** 70, "text": "naïve ✓", "lone_surrogate": "\\udc80", "nested": [[1.5, None, True]]}
+    return action
+"""
+
+
+async def test_values_with_big_integers_and_lone_surrogates_cross_the_protocol_exactly(tmp_path):
+    async with RunnerProcess() as rp:
+        await rp.start(make_flow(tmp_path, ODD_VALUES_PY))
+        completed, _ = await last_event(rp, action="odd")
+        # A dataset's JSON can hold "\\udc80": the line's inputs go to the runner with it.
+        echoed, _ = await last_event(rp, action="\udc80 read from a dataset")
+
+    result = completed.outputs["result"]
+    assert result == {
+        "big": 2**70,
+        "text": "naïve ✓",
+        "lone_surrogate": "\udc80",
+        "nested": [[1.5, None, True]],
+    }
+    assert type(result["big"]) is int
+    assert echoed.status == "Completed" and echoed.outputs == {"result": "\udc80 read from a dataset"}
+
+
 async def test_raw_events_are_the_dicts_their_parsed_form_gives_back(tmp_path):
     async with RunnerProcess() as rp:
         await rp.start(make_flow(tmp_path))
