@@ -122,11 +122,7 @@ class ProtocolWriter:
 
     def send(self, message: Mapping[str, Any]) -> None:
         """Write one JSON line (at the end of this turn of the loop, when sent on the loop's thread)."""
-        try:
-            data = (json.dumps(message, default=_json_default, ensure_ascii=False) + "\n").encode("utf-8")
-        except UnicodeEncodeError:
-            # A lone surrogate (text decoded with surrogateescape) has no UTF-8: escaped, it reads back the same.
-            data = (json.dumps(message, default=_json_default) + "\n").encode("ascii")
+        data = json_line(message, default=_json_default)
         if self._loop is not None and threading.get_ident() == self._loop_thread:
             if not self._pending:
                 self._loop.call_soon(self.flush)
@@ -152,6 +148,15 @@ class ProtocolWriter:
                     select.select([], [self._fd], [], 1.0)
                     continue
                 view = view[written:]
+
+
+def json_line(message: Any, *, default: Any) -> bytes:
+    """One protocol line: UTF-8 JSON, or escaped ASCII when it holds a lone surrogate (a dataset's "\\udc80",
+    text decoded with surrogateescape), which has no UTF-8; either reads back the same."""
+    try:
+        return (json.dumps(message, default=default, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(message, default=default) + "\n").encode("ascii")
 
 
 def _json_default(value: Any) -> Any:

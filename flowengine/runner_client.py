@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mappi
 from pathlib import Path
 from typing import Any, Literal
 
-from flowengine.runner import STREAM_LIMIT, Limits
+from flowengine.runner import STREAM_LIMIT, Limits, json_line
 
 EnvMode = Literal["scrubbed", "inherit"]
 LogHandler = Callable[[str | None, Any], None]
@@ -473,12 +473,7 @@ class RunnerProcess:
         proc = self.proc
         if proc is None or proc.stdin is None or proc.returncode is not None:
             raise ConnectionError("the runner is not running")
-        try:
-            data = (json.dumps(message, ensure_ascii=False, default=str) + "\n").encode("utf-8")
-        except UnicodeEncodeError:
-            # A lone surrogate (a dataset's "\udc80") has no UTF-8: escaped, it reads back the same.
-            data = (json.dumps(message, default=str) + "\n").encode("ascii")
-        proc.stdin.write(data)
+        proc.stdin.write(json_line(message, default=str))
         await proc.stdin.drain()
 
     async def _read_events(self, proc: Any) -> None:
