@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
+
+
+class RawTextEncoder(json.JSONEncoder):
+    """JSON with its text as UTF-8 rather than escaped: a lone surrogate cannot be encoded, so the database
+    refuses such a value as it refuses NUL, and the writer stores it as U+FFFD (pages cannot show it either)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**{**options, "ensure_ascii": False})
 
 
 class Dataset(models.Model):
@@ -184,13 +194,13 @@ class LineResult(models.Model):
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="lines")
     line_number = models.IntegerField()
     status = models.CharField(max_length=16, choices=LineStatus.choices)
-    inputs = models.JSONField(default=dict)
-    outputs = models.JSONField(default=dict)
-    error = models.JSONField(null=True, blank=True)
+    inputs = models.JSONField(encoder=RawTextEncoder, default=dict)
+    outputs = models.JSONField(encoder=RawTextEncoder, default=dict)
+    error = models.JSONField(encoder=RawTextEncoder, null=True, blank=True)
     duration_ms = models.FloatField(default=0.0)
-    usage = models.JSONField(default=dict)
-    aggregation_inputs = models.JSONField(default=dict)
-    trace = models.JSONField(default=list)
+    usage = models.JSONField(encoder=RawTextEncoder, default=dict)
+    aggregation_inputs = models.JSONField(encoder=RawTextEncoder, default=dict)
+    trace = models.JSONField(encoder=RawTextEncoder, default=list)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import re
 import socket
 import tempfile
 import threading
@@ -40,6 +41,7 @@ from django.conf import settings
 from django.db import connection as db_connection
 from django.db import transaction
 from django.db.models import F, Q
+from django.db.utils import DataError as UnstorableData
 from django.utils import timezone
 
 from runs_app import streaming
@@ -1512,6 +1514,56 @@ def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+_LINE_VALUE_FIELDS = ("inputs", "outputs", "error", "usage", "aggregation_inputs", "trace")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONE_SURROGATE_OR_NUL = re.compile("[\x00\ud800-\udfff]")
+_UNSTORABLE_NOTE = (
+    "its values hold characters the database cannot store (NUL or a lone surrogate), stored as U+FFFD"
+)
+
+
+def _storable(value: Any, unstorable: re.Pattern[str]) -> Any:
+    """`value` with the characters `unstorable` matches in its strings and keys replaced by U+FFFD."""
+    if isinstance(value, str):
+        return unstorable.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_storable(k, unstorable): _storable(v, unstorable) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v, unstorable) for v in value]
+    return value
+
+
+def _bulk_create_storable(
+    model: type[Any], rows: list[Any], fields: Sequence[str], **options: Any
+) -> list[Any]:
+    """Insert `rows`; when the database refuses them, they are inserted with storable `fields` instead, and
+    the rows that changed are returned.
+
+    PostgreSQL's text and jsonb refuse NUL and jsonb refuses lone surrogates; SQLite's text refuses lone
+    surrogates (its JSON holds them escaped). A dataset or a flow's outputs may hold both, and a batch refused
+    once would be refused again on every delivery.
+    """
+    try:
+        with transaction.atomic():
+            model.objects.bulk_create(rows, **options)
+    except (UnstorableData, UnicodeEncodeError):
+        pass
+    else:
+        return []
+    unstorable = _LONE_SURROGATE_OR_NUL if db_connection.vendor == "postgresql" else _LONE_SURROGATE
+    changed = []
+    for row in rows:
+        row.pk = None  # a batch before the refused one had its keys assigned, then rolled back
+        before = [getattr(row, field) for field in fields]
+        after = [_storable(value, unstorable) for value in before]
+        if after != before:
+            for field, value in zip(fields, after, strict=True):
+                setattr(row, field, value)
+            changed.append(row)
+    model.objects.bulk_create(rows, **options)
+    return changed
+
+
 class _ChunkWriter:
     """Buffers a chunk's results and logs and writes them in small batches from the task's thread."""
 
@@ -1569,11 +1621,24 @@ class _ChunkWriter:
 
     def flush(self) -> None:
         if self.lines:
-            LineResult.objects.bulk_create(self.lines, ignore_conflicts=True, batch_size=WRITE_BATCH)
+            changed = _bulk_create_storable(
+                LineResult, self.lines, _LINE_VALUE_FIELDS, ignore_conflicts=True, batch_size=WRITE_BATCH
+            )
+            now = timezone.now()
+            self.logs.extend(
+                RunLog(
+                    run_id=self.run.pk,
+                    time=now,
+                    line_number=line.line_number,
+                    stream="system",
+                    text=f"line {line.line_number}: {_UNSTORABLE_NOTE}",
+                )
+                for line in changed
+            )
             self.written += len(self.lines)
             self.lines = []
         if self.logs:
-            RunLog.objects.bulk_create(self.logs, batch_size=500)
+            _bulk_create_storable(RunLog, self.logs, ("text",), batch_size=500)
             self.logs = []
         self.last_flush = time.monotonic()
 
@@ -1862,7 +1927,7 @@ def _fail_lost_chunk(run: Run, chunk: RunChunk, token: str, existing: set[int]) 
                 error={"code": "SystemError", "type": "WorkerLost", "message": message},
             )
         )
-    LineResult.objects.bulk_create(rows, ignore_conflicts=True, batch_size=WRITE_BATCH)
+    _bulk_create_storable(LineResult, rows, _LINE_VALUE_FIELDS, ignore_conflicts=True, batch_size=WRITE_BATCH)
     run_log_write(run=run, text=message)
     now = timezone.now()
     if RunChunk.objects.filter(pk=chunk.pk, claim_token=token).update(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from django.db.models import Count
+from django.urls import reverse
 
 from runs_app import services
 from runs_app.models import ChunkStatus, LineResult, Run, RunChunk, RunStatus
@@ -72,3 +75,67 @@ def test_submit_with_an_evaluation_starts_it_when_the_batch_run_completes(owner,
     assert evaluation.metrics == {"sum": sum(i**4 for i in range(20)), "lines": 20}
     run.refresh_from_db()
     assert run.pending_evaluations == []
+
+
+ECHO_DAG = """\
+inputs:
+  text: {type: string}
+outputs:
+  said: {type: string, reference: "${echo.output}"}
+nodes:
+- name: echo
+  type: python
+  source: {type: code, path: echo.py}
+  inputs: {text: "${inputs.text}"}
+"""
+
+ECHO_PY = """\
+from promptflow.core import tool
+
+
+@tool
+def echo(text: str) -> str:
+    print("got", text)
+    return text
+"""
+
+
+def test_values_the_database_cannot_store_are_kept_as_replacement_characters_not_lost(
+    owner, run_workers, client
+):
+    """A lone surrogate cannot be stored as text, nor NUL on PostgreSQL: the run still finishes, every line
+    kept, those characters as U+FFFD and a log line naming each line they were in."""
+    from django.db import connection
+
+    from flows_app.services import flow_create
+    from runs_app.models import RunLog
+
+    flow = flow_create(
+        owner=owner, name="echo", files={"flow.dag.yaml": ECHO_DAG.encode(), "echo.py": ECHO_PY.encode()}
+    )
+    texts = ["a\u0000b", "plain", "x\udc80"]
+    data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    dataset = services.dataset_create(owner=owner, name="odd", filename="odd.jsonl", data=data)
+    run_workers.start(concurrency=1)
+
+    run = services.run_create(user=owner, flow_version=flow.head, dataset=dataset, column_mapping={})
+
+    wait_for(lambda: _finished(run), timeout=90, what="the run to finish", logs=run_workers.logs)
+    assert run.status == RunStatus.COMPLETED, (run.error, run_workers.logs())
+    said = {line.line_number: line.outputs["said"] for line in LineResult.objects.filter(run=run)}
+    notes = {log.line_number for log in RunLog.objects.filter(run=run, text__contains="cannot store")}
+    printed = sorted(log.text for log in RunLog.objects.filter(run=run, stream="stdout"))
+    if connection.vendor == "postgresql":  # its text and jsonb refuse NUL as well
+        assert said == {0: "a\ufffdb", 1: "plain", 2: "x\ufffd"}
+        assert notes == {0, 2}
+        assert not any("\u0000" in text for text in printed)
+    else:
+        assert said == {0: "a\u0000b", 1: "plain", 2: "x\ufffd"}
+        assert notes == {2}
+    assert len(printed) == 3 and all(text.startswith("[echo] got") for text in printed), printed
+    # The run's pages show what was kept.
+    client.force_login(owner)
+    for tab in ("outputs", "logs", "trace"):
+        response = client.get(reverse(f"runs:{tab}", args=[run.id]))
+        assert response.status_code == 200, tab
+    assert "plain" in client.get(reverse("runs:outputs", args=[run.id])).content.decode()
