@@ -11,7 +11,9 @@ stdout, so nothing the flow's code prints can corrupt the protocol:
     {"op": "exit"}
 
 Every reply is `{"id": ..., "event": <Event.to_dict()>}`; the end of a request's events is marked by
-`{"id": ..., "done": true}`. Output of user code (print, logging to stderr, C-level writes) becomes
+`{"id": ..., "done": true}`. A line request with `"hold": true` (a batch line, whose caller stores its events
+when it ends) has its trace spans and its LineCompleted held and sent with its end, in one reply:
+`{"id": ..., "events": [<Event.to_dict()>, ...], "done": true}`. Output of user code (print, logging to stderr, C-level writes) becomes
 `LogLine` events: Python-level writes are attributed to the line that made them through a context
 variable; raw fd writes go to the only running line, or carry `"id": null` when several run at once.
 """
@@ -47,6 +49,8 @@ STREAM_LIMIT = 256 * 1024 * 1024
 DEFAULT_CONCURRENCY = 128
 GC_THRESHOLD = 20_000
 PIPE_SIZE = 1 << 20
+# What a line request with "hold" gets with its end rather than as it comes.
+HELD_EVENTS = frozenset(("trace_span", "line_completed"))
 _ENV_REF = re.compile(r"^\$\{([^.{}]+)\.([^{}]+)\}$")
 
 
@@ -242,17 +246,27 @@ class Runner:
         self._canceled: set[str] = set()
         self.memory_mb = memory_mb
         self.streams: list[LineStream] = []
+        # The events held back for the lines that asked for them, sent with each line's end.
+        self.held: dict[str, list[dict[str, Any]]] = {}
 
     # -- output ---------------------------------------------------------------------------------
 
     def send_event(self, request_id: str | None, event: Any) -> None:
         """Send one event tagged with its request id."""
         payload = event.to_dict() if hasattr(event, "to_dict") else event
+        held = self.held.get(request_id) if request_id is not None else None
+        if held is not None and payload.get("type") in HELD_EVENTS:
+            held.append(payload)
+            return
         self.writer.send({"id": request_id, "event": payload})
 
     def done(self, request_id: str) -> None:
-        """Mark the end of a request's events."""
-        self.writer.send({"id": request_id, "done": True})
+        """Mark the end of a request's events, sending those held back with it."""
+        held = self.held.pop(request_id, None)
+        if held:
+            self.writer.send({"id": request_id, "events": held, "done": True})
+        else:
+            self.writer.send({"id": request_id, "done": True})
 
     def log(self, stream: str, text: str, current: tuple[str, int | None] | None) -> None:
         """Send a LogLine for output of user code."""
@@ -390,6 +404,8 @@ class Runner:
         _CURRENT.set((request_id, line_number))
         finished = False
         wanted = set(request.get("events") or ())
+        if request.get("hold"):
+            self.held[request_id] = []
 
         def emit(ev: Any) -> None:
             # Only events of `wanted` come here: the executor drops the others where they are made.

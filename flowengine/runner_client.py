@@ -43,6 +43,13 @@ QUEUE_AHEAD = 2
 __all__ = ["DEFAULT_LIMITS", "Limits", "RunnerError", "RunnerProcess", "build_env", "run_line_sync"]
 
 
+def _payloads(msg: Mapping[str, Any]) -> Sequence[dict[str, Any]]:
+    """The events of one reply: one, those a held line sent with its end, or none (a done or started mark)."""
+    if "events" in msg:
+        return msg["events"]
+    return (msg["event"],) if "event" in msg else ()
+
+
 class RunnerError(Exception):
     """The runner could not start or load the flow; `.error` is the ErrorInfo when the runner sent one."""
 
@@ -599,11 +606,13 @@ class RunnerProcess:
         timeout: float | None = None,
         event_types: Iterable[str] | None = None,
         raw_types: Collection[str] = (),
+        hold: bool = False,
     ) -> AsyncIterator[Any]:
         """Run one line; yields its events, the last being a LineCompleted (failed on timeout or death).
 
         Events of `raw_types` come as the JSON-safe dicts the runner sent (`Event.to_dict()` form), for callers
-        that only store them.
+        that only store them. With `hold`, the runner sends the line's trace spans and its LineCompleted with
+        its end, in one reply, instead of one reply each as they come (for callers that only store them).
 
         `event_types` limits what the runner sends to these event types (LineCompleted always comes). Up to
         QUEUE_AHEAD times the runner's concurrency may be sent at once: the runner starts a waiting line the
@@ -636,6 +645,8 @@ class RunnerProcess:
         }
         if event_types is not None:
             request["events"] = sorted(set(event_types))
+        if hold:
+            request["hold"] = True
         limit = timeout if timeout is not None else self.line_timeout
         # One timer per line puts a marker in its queue (cheaper than a wait_for per message).
         timer = (
@@ -672,19 +683,20 @@ class RunnerProcess:
                     if msg.get("started") and limit is not None:
                         timer = asyncio.get_running_loop().call_later(limit, queue.put_nowait, _TIMED_OUT)
                     continue
+                for payload in _payloads(msg):
+                    if raw_types and payload.get("type") in raw_types:
+                        yield payload
+                        continue
+                    ev = events.from_dict(payload)
+                    if isinstance(ev, events.LineCompleted):
+                        completed = True
+                    yield ev
                 if msg.get("done"):
                     if not completed:
                         completed = True
                         info = self._info("RunnerProtocolError", "the runner ended the line without a result")
                         yield self._failed(line_number, info, started)
                     return
-                if raw_types and msg["event"].get("type") in raw_types:
-                    yield msg["event"]
-                    continue
-                ev = events.from_dict(msg["event"])
-                if isinstance(ev, events.LineCompleted):
-                    completed = True
-                yield ev
         finally:
             if timer is not None:
                 timer.cancel()

@@ -1291,7 +1291,7 @@ async def _run_lines(
         completed = None
         spans: list[dict[str, Any]] = []
         async for ev in runner.run_line(
-            inputs, line_number=number, event_types=LINE_EVENTS, raw_types=("trace_span",)
+            inputs, line_number=number, event_types=LINE_EVENTS, raw_types=("trace_span",), hold=True
         ):
             if isinstance(ev, events.LineCompleted):
                 completed = ev

@@ -325,3 +325,25 @@ async def test_raw_events_are_the_dicts_their_parsed_form_gives_back(tmp_path):
     # What a caller stores from the raw dict is what it stored from the parsed event.
     assert [events.from_dict(span).to_dict() for span in spans] == spans
     assert isinstance(raw[-1], events.LineCompleted) and raw[-1].status == "Completed"
+
+
+async def test_a_held_line_yields_the_events_an_unheld_line_yields(tmp_path):
+    def shape(items):
+        return [
+            (item["type"], item["name"]) if isinstance(item, dict) else (type(item).__name__, item.status)
+            for item in items
+        ]
+
+    async with RunnerProcess() as rp:
+        await rp.start(make_flow(tmp_path))
+        kinds = ("line_completed", "trace_span", "log")
+        run = [
+            rp.run_line(
+                {"action": "ok"}, line_number=0, event_types=kinds, raw_types=("trace_span",), hold=hold
+            )
+            for hold in (False, True)
+        ]
+        unheld = [ev async for ev in run[0]]
+        held = [ev async for ev in run[1]]
+    assert sorted(shape(held)) == sorted(shape(unheld))
+    assert isinstance(held[-1], events.LineCompleted) and held[-1].outputs == {"result": "ok"}

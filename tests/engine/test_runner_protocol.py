@@ -171,6 +171,30 @@ async def test_user_output_becomes_log_events_and_never_corrupts_the_protocol(tm
     assert streams["raw stderr bytes"] == "stderr"
 
 
+async def test_a_held_line_sends_its_spans_and_result_with_its_end_in_one_reply(tmp_path):
+    runner = await RawRunner.start(make_flow(tmp_path))
+    wanted = ["line_completed", "log", "trace_span"]
+    await runner.send({"op": "line", "id": "a", "inputs": {"text": "hi"}, "line_number": 0, "events": wanted})
+    (unheld,) = (await runner.collect({"a"})).values()
+    first = len(runner.raw_lines)
+    await runner.send(
+        {"op": "line", "id": "b", "inputs": {"text": "hi"}, "line_number": 0, "events": wanted, "hold": True}
+    )
+    while not (msg := await runner.read()).get("done"):
+        assert msg["event"]["type"] == "log"  # output of user code still comes as it is made
+    await runner.stop()
+
+    assert set(msg) == {"id", "events", "done"} and msg["id"] == "b"
+    held = msg["events"]
+    assert [e["type"] for e in held] == ["trace_span"] * (len(held) - 1) + ["line_completed"]
+    assert held[-1]["outputs"] == {"result": "HI", "length": 2}
+    spans = sorted(e["name"] for e in unheld if e["type"] == "trace_span")
+    assert sorted(e["name"] for e in held[:-1]) == spans and len(spans) >= 3
+    replies_b = [json.loads(raw) for raw in runner.raw_lines[first:]]
+    logs = [m for m in replies_b if m["id"] == "b" and "event" in m]
+    assert len(logs) == len([e for e in unheld if e["type"] == "log"])
+
+
 async def test_lines_run_concurrently_in_one_runner(tmp_path):
     runner = await RawRunner.start(make_flow(tmp_path))
     started = time.monotonic()
