@@ -13,9 +13,11 @@ stdout, so nothing the flow's code prints can corrupt the protocol:
 Every reply is `{"id": ..., "event": <Event.to_dict()>}`; the end of a request's events is marked by
 `{"id": ..., "done": true}`. A line request with `"hold": true` (a batch line, whose caller stores its events
 when it ends) has its trace spans and its LineCompleted held and sent with its end, in one reply:
-`{"id": ..., "events": [<Event.to_dict()>, ...], "done": true}`. Output of user code (print, logging to stderr, C-level writes) becomes
-`LogLine` events: Python-level writes are attributed to the line that made them through a context
-variable; raw fd writes go to the only running line, or carry `"id": null` when several run at once.
+`{"id": ..., "events": [<Event.to_dict()>, ...], "done": true}`.
+
+Output of user code (print, logging to stderr, C-level writes) becomes `LogLine` events: Python-level
+writes are attributed to the line that made them through a context variable; raw fd writes go to the only
+running line, or carry `"id": null` when several run at once.
 """
 
 from __future__ import annotations

@@ -1539,9 +1539,9 @@ def _bulk_create_storable(
     """Insert `rows`; when the database refuses them, they are inserted with storable `fields` instead, and
     the rows that changed are returned.
 
-    PostgreSQL's text and jsonb refuse NUL and jsonb refuses lone surrogates; SQLite's text refuses lone
-    surrogates (its JSON holds them escaped). A dataset or a flow's outputs may hold both, and a batch refused
-    once would be refused again on every delivery.
+    PostgreSQL's text and jsonb refuse NUL, and a lone surrogate cannot be encoded as UTF-8 for either
+    database (line values are stored as raw text, see RawTextEncoder). A dataset or a flow's outputs may hold
+    both, and a batch refused once would be refused again on every delivery.
     """
     try:
         with transaction.atomic():
