@@ -182,6 +182,15 @@ async def test_a_held_line_sends_its_spans_and_result_with_its_end_in_one_reply(
     )
     while not (msg := await runner.read()).get("done"):
         assert msg["event"]["type"] == "log"  # output of user code still comes as it is made
+    expected_logs = len([e for e in unheld if e["type"] == "log"])
+
+    def logs_of_b() -> int:
+        return sum(1 for raw in runner.raw_lines[first:] if "event" in json.loads(raw))
+
+    # Output written to the file descriptors comes through a reader thread: it may follow the end.
+    while logs_of_b() < expected_logs:
+        late = await asyncio.wait_for(runner.read(), 10)
+        assert late["id"] == "b" and late["event"]["type"] == "log"
     await runner.stop()
 
     assert set(msg) == {"id", "events", "done"} and msg["id"] == "b"
