@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -139,7 +138,13 @@ def test_a_worker_on_another_host_with_its_own_data_dir_runs_chunks_of_the_same_
         cwd=elsewhere_cwd,
         extra_env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
-    time.sleep(0.5)
+    # Both must be consuming before the run is sent: a worker that is ready first takes on queued chunks.
+    wait_for(
+        lambda: all(b" ready." in worker.log.read_bytes() for worker in (here, elsewhere)),
+        timeout=60,
+        what="both workers to be ready",
+        logs=run_workers.logs,
+    )
 
     run = services.run_create(
         user=owner, flow_version=flow.head, dataset=dataset, concurrency=8, column_mapping=PAUSED
