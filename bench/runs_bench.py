@@ -216,7 +216,20 @@ def run_and_wait(
         "wall_s": round(wall, 3),
         "lines_per_s": round(run.total_lines / wall, 2),
         "server_s": round((run.finished_at - run.started_at).total_seconds(), 3) if run.started_at else None,
+        "line_ms": _spread(list(lines.values_list("duration_ms", flat=True))),
         "timeline": timeline,
+    }
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Median, 90th percentile and largest of `values` (a run's line durations, in ms)."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {
+        "median": round(ordered[len(ordered) // 2], 1),
+        "p90": round(ordered[len(ordered) * 9 // 10], 1),
+        "max": round(ordered[-1], 1),
     }
 
 

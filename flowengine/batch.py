@@ -298,6 +298,31 @@ class BatchOutcome:
         return sum(1 for r in self.lines if r.status != "Completed")
 
 
+@dataclass
+class AggregationOutcome:
+    """What a run's aggregation gave: its metrics, its error (or None) and the log lines it printed."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    logs: list[Any] = field(default_factory=list)
+
+
+def read_aggregation(evs: Sequence[Any]) -> AggregationOutcome:
+    """The outcome in the events of a runner's aggregation: the error is the first one, the aggregation's own
+    or that of the aggregation node (or `__aggregate__`) that raised."""
+    from flowengine import events
+
+    outcome = AggregationOutcome()
+    for ev in evs:
+        if isinstance(ev, events.Metrics):
+            outcome.metrics.update(ev.metrics or {})
+        elif isinstance(ev, events.ErrorEvent | events.NodeFailed) and ev.error is not None:
+            outcome.error = outcome.error or ev.error.to_dict()
+        elif isinstance(ev, events.LogLine):
+            outcome.logs.append(ev)
+    return outcome
+
+
 async def execute_batch(
     *,
     flow_path: str | Path,
@@ -349,16 +374,12 @@ async def execute_batch(
                 on_line(record)
 
         await asyncio.gather(*(one(n, i) for n, i in lines))
-        metrics: dict[str, Any] = {}
-        aggregation_error = None
+        aggregation = AggregationOutcome()
         ok = [records[n].completed for n, _ in lines if records[n].status == "Completed"]
         if aggregate and ok:
-            for ev in await rp.aggregate(ok):
-                if isinstance(ev, events.Metrics):
-                    metrics.update(ev.metrics or {})
-                elif isinstance(ev, events.ErrorEvent) and ev.error is not None:
-                    aggregation_error = ev.error.to_dict()
-                elif isinstance(ev, events.LogLine) and on_log is not None:
+            aggregation = read_aggregation(await rp.aggregate(ok))
+            for ev in aggregation.logs:
+                if on_log is not None:
                     on_log(None, ev)
     ordered = [records[n] for n in sorted(records)]
-    return BatchOutcome(lines=ordered, metrics=metrics, aggregation_error=aggregation_error)
+    return BatchOutcome(lines=ordered, metrics=aggregation.metrics, aggregation_error=aggregation.error)

@@ -499,6 +499,8 @@ def cmd_run_create(args: argparse.Namespace) -> int:
     if record.status != "Completed":
         message = (record.error or {}).get("message", "the run failed")
         raise CLIError(f"run '{record.name}' failed: {message}")
+    if record.error:
+        _err(f"warning: the aggregation failed, its metrics may be incomplete: {record.error.get('message')}")
     if record.failed_lines:
         _err(
             f"warning: {record.failed_lines} of {record.total_lines} lines failed; see `flowstudio run show-details -n {record.name}`"

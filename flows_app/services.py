@@ -26,6 +26,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
+from django.db import connection as db_connection
 from django.utils import timezone
 
 from flowengine.connections import DEFAULT_AZURE_API_VERSION
@@ -73,6 +74,35 @@ class ConnectionTestResult:
 
     ok: bool
     message: str
+
+
+# --- storable values --------------------------------------------------------------------------------
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONE_SURROGATE_OR_NUL = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(value: Any) -> Any:
+    """`value` with the characters this database cannot store replaced by U+FFFD, in its strings and keys.
+
+    A lone surrogate cannot be encoded as UTF-8 (nor shown on a page), and PostgreSQL's text and jsonb refuse
+    NUL as well. Flow code's outputs, errors and logs, and datasets, may hold both; refused once, a write
+    would be refused on every retry.
+    """
+    unstorable = _LONE_SURROGATE_OR_NUL if db_connection.vendor == "postgresql" else _LONE_SURROGATE
+    return _replace_unstorable(value, unstorable)
+
+
+def _replace_unstorable(value: Any, unstorable: re.Pattern[str]) -> Any:
+    if isinstance(value, str):
+        return unstorable.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {
+            _replace_unstorable(k, unstorable): _replace_unstorable(v, unstorable) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_replace_unstorable(v, unstorable) for v in value]
+    return value
 
 
 # --- encryption -------------------------------------------------------------------------------------
@@ -1677,11 +1707,11 @@ def flowtest_finish(
         raise ValueError(f"'{status}' is not a final test status.")
     changed = FlowTest.objects.filter(pk=test_id, status=FlowTest.Status.RUNNING).update(
         status=status,
-        outputs=dict(outputs or {}),
-        error=dict(error) if error else None,
-        logs=list(logs or []),
-        trace=list(trace or []),
-        node_runs=dict(node_runs or {}),
+        outputs=storable(dict(outputs or {})),
+        error=storable(dict(error)) if error else None,
+        logs=storable(list(logs or [])),
+        trace=storable(list(trace or [])),
+        node_runs=storable(dict(node_runs or {})),
         usage=dict(usage or {}),
         duration_ms=duration_ms,
         finished_at=timezone.now(),

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import queue
-import re
 import socket
 import tempfile
 import threading
@@ -1012,7 +1011,11 @@ def run_delete(*, user: AbstractBaseUser, run: Run) -> None:
 
 def run_log_write(*, run: Run, text: str, line_number: int | None = None, stream: str = "system") -> None:
     """Append one line to the run's log."""
-    RunLog.objects.create(run=run, time=timezone.now(), line_number=line_number, stream=stream, text=text)
+    from flows_app.services import storable
+
+    RunLog.objects.create(
+        run=run, time=timezone.now(), line_number=line_number, stream=stream, text=storable(text)
+    )
 
 
 # --- counters ------------------------------------------------------------------------------------------------
@@ -1387,20 +1390,11 @@ async def _run_lines(
 async def _aggregate_in_runner(
     spec: _RunnerSpec, results: list[dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
-    from flowengine import events
+    from flowengine.batch import read_aggregation
 
     runner = await _runner_for(spec)
-    metrics: dict[str, Any] = {}
-    error = None
-    logs: list[str] = []
-    for ev in await runner.aggregate(results):
-        if isinstance(ev, events.Metrics):
-            metrics.update(ev.metrics or {})
-        elif isinstance(ev, events.ErrorEvent) and ev.error is not None:
-            error = ev.error.to_dict()
-        elif isinstance(ev, events.LogLine):
-            logs.append(ev.text)
-    return metrics, error, logs
+    outcome = read_aggregation(await runner.aggregate(results))
+    return outcome.metrics, outcome.error, [ev.text for ev in outcome.logs]
 
 
 def _connection_names(flow: EngineFlow, init: Mapping[str, Any]) -> set[str]:
@@ -1515,22 +1509,9 @@ def _worker_name() -> str:
 
 
 _LINE_VALUE_FIELDS = ("inputs", "outputs", "error", "usage", "aggregation_inputs", "trace")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_LONE_SURROGATE_OR_NUL = re.compile("[\x00\ud800-\udfff]")
 _UNSTORABLE_NOTE = (
     "its values hold characters the database cannot store (NUL or a lone surrogate), stored as U+FFFD"
 )
-
-
-def _storable(value: Any, unstorable: re.Pattern[str]) -> Any:
-    """`value` with the characters `unstorable` matches in its strings and keys replaced by U+FFFD."""
-    if isinstance(value, str):
-        return unstorable.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {_storable(k, unstorable): _storable(v, unstorable) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_storable(v, unstorable) for v in value]
-    return value
 
 
 def _bulk_create_storable(
@@ -1550,12 +1531,13 @@ def _bulk_create_storable(
         pass
     else:
         return []
-    unstorable = _LONE_SURROGATE_OR_NUL if db_connection.vendor == "postgresql" else _LONE_SURROGATE
+    from flows_app.services import storable
+
     changed = []
     for row in rows:
         row.pk = None  # a batch before the refused one had its keys assigned, then rolled back
         before = [getattr(row, field) for field in fields]
-        after = [_storable(value, unstorable) for value in before]
+        after = [storable(value) for value in before]
         if after != before:
             for field, value in zip(fields, after, strict=True):
                 setattr(row, field, value)
@@ -1939,12 +1921,14 @@ def _fail_lost_chunk(run: Run, chunk: RunChunk, token: str, existing: set[int]) 
 
 def _fail_run(run: Run, error: dict[str, Any]) -> None:
     """The run cannot execute at all (its flow does not load): Failed, and no other chunk starts."""
+    from flows_app.services import storable
+
     now = timezone.now()
     RunChunk.objects.filter(run=run, status__in=[ChunkStatus.QUEUED, ChunkStatus.RUNNING]).update(
         status=ChunkStatus.CANCELED, finished_at=now
     )
     changed = Run.objects.filter(pk=run.pk, status__in=ACTIVE_STATUSES).update(
-        status=RunStatus.FAILED, error=error, finished_at=now
+        status=RunStatus.FAILED, error=storable(error), finished_at=now
     )
     if changed:
         _recount(run.pk)
@@ -1971,6 +1955,8 @@ def run_aggregate(*, run_id: Any, spec: Any = None) -> None:
 
     Idempotent: a run that is no longer running is left alone; a repeated call recomputes the same metrics.
     """
+    from flows_app.services import storable
+
     run = Run.objects.select_related("owner").filter(pk=run_id).first()
     if run is None or run.status not in (RunStatus.QUEUED, RunStatus.PREPARING, RunStatus.RUNNING):
         return
@@ -2032,8 +2018,8 @@ def run_aggregate(*, run_id: Any, spec: Any = None) -> None:
         pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.PREPARING, RunStatus.RUNNING]
     ).update(
         status=RunStatus.COMPLETED,
-        metrics=metrics,
-        error=error,
+        metrics=storable(metrics),
+        error=storable(error),
         tokens=tokens,
         done_lines=done,
         failed_lines=failed,

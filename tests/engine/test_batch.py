@@ -254,3 +254,22 @@ def test_a_run_name_cannot_be_reused(tmp_path):
 
     with pytest.raises(RunError, match="already exists"):
         run_create(RunRequest(flow=str(flow), data=str(data), name="once"), store=store)
+
+
+def test_a_failing_aggregation_node_leaves_the_run_completed_with_its_error_and_earlier_metrics(tmp_path):
+    failing = ACCURACY_PY + "    raise RuntimeError('no report today')\n"
+    failing = failing.replace("    return value\n", "")
+    evaluation = write(
+        tmp_path / "eval", {"flow.dag.yaml": EVAL_FLOW, "grade.py": GRADE_PY, "accuracy.py": failing}
+    )
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prediction": p, "groundtruth": "a"}) + "\n" for p in "aab"))
+    store = RunStore(tmp_path / "home")
+
+    record = run_create(RunRequest(flow=str(evaluation), data=str(data), name="eval"), store=store)
+
+    assert record.status == "Completed"
+    assert record.error["node"] == "accuracy"
+    assert "no report today" in record.error["message"]
+    assert store.metrics("eval") == {"accuracy": 2 / 3, "lines": 3}
+    assert "aggregation failed" in (store.path("eval") / "logs.txt").read_text()

@@ -15,6 +15,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def write_flow(folder: Path, dag: str, **sources: str) -> Path:
+    """A flow folder: `dag` as its flow.dag.yaml and each source as `<name>.py`."""
+    folder.mkdir()
+    (folder / "flow.dag.yaml").write_text(dag)
+    for name, text in sources.items():
+        (folder / f"{name}.py").write_text(text)
+    return folder
+
+
 @pytest.fixture
 def cli(tmp_path):
     """Run `flowstudio ...` in a fresh process with its own FLOWSTUDIO_HOME."""
@@ -119,13 +128,12 @@ def test_interactive_chat_keeps_the_history(cli, llm_connection):
 
 
 def test_flow_test_failure_exits_1_with_the_error_on_stderr(cli, tmp_path):
-    flow = tmp_path / "bad"
-    flow.mkdir()
-    (flow / "flow.dag.yaml").write_text(
+    write_flow(
+        tmp_path / "bad",
         "inputs:\n  x: {type: string}\noutputs:\n  y: {type: string, reference: '${boom.output}'}\n"
-        "nodes:\n- name: boom\n  type: python\n  source: {type: code, path: boom.py}\n  inputs: {x: '${inputs.x}'}\n"
+        "nodes:\n- name: boom\n  type: python\n  source: {type: code, path: boom.py}\n  inputs: {x: '${inputs.x}'}\n",
+        boom="def boom(x: str) -> str:\n    raise RuntimeError('exploded on ' + x)\n",
     )
-    (flow / "boom.py").write_text("def boom(x: str) -> str:\n    raise RuntimeError('exploded on ' + x)\n")
     result = cli("flow", "test", "--flow", "bad", "--inputs", "x=now", check=False)
     assert result.returncode == 1
     assert result.stdout == ""
@@ -136,11 +144,10 @@ def test_flow_test_failure_exits_1_with_the_error_on_stderr(cli, tmp_path):
 
 
 def test_flow_validate_prints_every_problem_with_file_and_line(cli, tmp_path):
-    flow = tmp_path / "invalid"
-    flow.mkdir()
-    (flow / "flow.dag.yaml").write_text(
+    write_flow(
+        tmp_path / "invalid",
         "inputs:\n  q: {type: string}\noutputs:\n  a: {type: string, reference: '${nowhere.output}'}\n"
-        "nodes:\n- name: n1\n  type: python\n  source: {type: code, path: missing.py}\n  inputs: {q: '${inputs.qq}'}\n"
+        "nodes:\n- name: n1\n  type: python\n  source: {type: code, path: missing.py}\n  inputs: {q: '${inputs.qq}'}\n",
     )
     result = cli("flow", "validate", "--flow", "invalid", check=False)
     assert result.returncode == 1
@@ -221,14 +228,11 @@ def test_run_create_refuses_broken_jsonl_naming_the_line(cli, tmp_path):
 
 
 def test_run_create_reports_failed_lines_without_failing_the_run(cli, tmp_path):
-    flow = tmp_path / "picky"
-    flow.mkdir()
-    (flow / "flow.dag.yaml").write_text(
+    write_flow(
+        tmp_path / "picky",
         "inputs:\n  x: {type: int}\noutputs:\n  y: {type: int, reference: '${half.output}'}\n"
-        "nodes:\n- name: half\n  type: python\n  source: {type: code, path: half.py}\n  inputs: {x: '${inputs.x}'}\n"
-    )
-    (flow / "half.py").write_text(
-        "def half(x: int) -> int:\n    assert x % 2 == 0, 'odd input'\n    return x // 2\n"
+        "nodes:\n- name: half\n  type: python\n  source: {type: code, path: half.py}\n  inputs: {x: '${inputs.x}'}\n",
+        half="def half(x: int) -> int:\n    assert x % 2 == 0, 'odd input'\n    return x // 2\n",
     )
     data = tmp_path / "nums.csv"
     data.write_text("x\n2\n3\n8\n")
@@ -241,17 +245,14 @@ def test_run_create_reports_failed_lines_without_failing_the_run(cli, tmp_path):
 
 
 def test_flow_test_forks_warm_runners_from_a_local_fork_server(cli, tmp_path):
-    flow = tmp_path / "whoami"
-    flow.mkdir()
-    (flow / "flow.dag.yaml").write_text(
+    write_flow(
+        tmp_path / "whoami",
         "inputs: {}\noutputs:\n  parent: {type: string, reference: '${who.output}'}\n"
-        "nodes:\n- name: who\n  type: python\n  source: {type: code, path: who.py}\n  inputs: {}\n"
-    )
-    (flow / "who.py").write_text(
-        "import os\n\ndef who() -> str:\n"
+        "nodes:\n- name: who\n  type: python\n  source: {type: code, path: who.py}\n  inputs: {}\n",
+        who="import os\n\ndef who() -> str:\n"
         "    print('x' * 20000)\n"
         "    with open(f'/proc/{os.getppid()}/cmdline', 'rb') as fh:\n"
-        "        return str(os.getppid()) + ' ' + fh.read().replace(b'\\0', b' ').decode()\n"
+        "        return str(os.getppid()) + ' ' + fh.read().replace(b'\\0', b' ').decode()\n",
     )
     sock = tmp_path / "z.sock"
     zygote_env = {"FLOWSTUDIO_NO_ZYGOTE": "0", "FLOWSTUDIO_RUNNER_SOCKET": str(sock)}
@@ -316,12 +317,13 @@ node_variants:
 
 
 def test_variants_and_single_node_tests(cli, tmp_path):
-    flow = tmp_path / "styled"
-    flow.mkdir()
-    (flow / "flow.dag.yaml").write_text(VARIANT_FLOW)
-    (flow / "lower.py").write_text("def lower(text: str) -> str:\n    return text.lower()\n")
-    (flow / "upper.py").write_text("def upper(text: str) -> str:\n    return text.upper()\n")
-    (flow / "tail.py").write_text("def tail(text: str) -> str:\n    return text[-2:]\n")
+    write_flow(
+        tmp_path / "styled",
+        VARIANT_FLOW,
+        lower="def lower(text: str) -> str:\n    return text.lower()\n",
+        upper="def upper(text: str) -> str:\n    return text.upper()\n",
+        tail="def tail(text: str) -> str:\n    return text[-2:]\n",
+    )
     assert json.loads(cli("flow", "test", "--flow", "styled", "--inputs", "text=MiXed").stdout) == {
         "out": "mixed"
     }
@@ -350,3 +352,23 @@ def test_an_error_raised_outside_the_cli_module_is_a_one_line_message(cli):
     )
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --workers must be at least 1, not 0"
+
+
+def test_run_create_warns_of_a_failed_aggregation_without_failing_the_run(cli, tmp_path):
+    write_flow(
+        tmp_path / "tally",
+        "inputs:\n  x: {type: int}\noutputs:\n  y: {type: int, reference: '${same.output}'}\n"
+        "nodes:\n- name: same\n  type: python\n  source: {type: code, path: same.py}\n  inputs: {x: '${inputs.x}'}\n"
+        "- name: tally\n  type: python\n  source: {type: code, path: tally.py}\n"
+        "  inputs: {x: '${same.output}'}\n  aggregation: true\n",
+        same="def same(x: int) -> int:\n    return x\n",
+        tally="from promptflow.core import log_metric\n\n\n"
+        "def tally(x: list) -> None:\n    log_metric('lines', len(x))\n    raise ValueError('no tally today')\n",
+    )
+    data = tmp_path / "nums.csv"
+    data.write_text("x\n1\n2\n")
+    result = cli("run", "create", "--flow", "tally", "--data", str(data), "--name", "nums")
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "Completed" and summary["completed_lines"] == 2
+    assert "warning: the aggregation failed" in result.stderr and "no tally today" in result.stderr
+    assert json.loads(cli("run", "show-metrics", "-n", "nums").stdout) == {"lines": 2}

@@ -95,6 +95,29 @@ def test_finish_changes_a_running_test_once(chat_flow, owner):
         flowtest_finish(test_id=test.pk, status="Running")
 
 
+@pytest.mark.integration
+def test_finish_keeps_what_the_database_cannot_store_as_replacement_characters(chat_flow, owner):
+    """A flow's outputs, logs and error may hold a lone surrogate, or NUL that PostgreSQL refuses: the test
+    still ends, those characters stored as U+FFFD."""
+    from django.db import connection
+
+    test, _ = flowtest_start(user=owner, flow_id=chat_flow.pk, inputs={})
+    odd = "a\u0000b\udc80"
+    assert flowtest_finish(
+        test_id=test.pk,
+        status="Failed",
+        outputs={"answer": odd},
+        error={"code": "UserError", "message": odd, "node": "chat"},
+        logs=[{"stream": "stdout", "text": odd}],
+        trace=[{"name": "chat", "output": odd}],
+    )
+    test.refresh_from_db()
+    kept = ("a\ufffdb" if connection.vendor == "postgresql" else "a\u0000b") + "\ufffd"
+    assert test.status == "Failed"
+    assert (test.outputs["answer"], test.error["message"]) == (kept, kept)
+    assert (test.logs[0]["text"], test.trace[0]["output"]) == (kept, kept)
+
+
 def test_only_the_newest_tests_of_a_flow_are_kept(chat_flow, owner):
     for i in range(FLOWTEST_KEEP + 3):
         test, _ = flowtest_start(user=owner, flow_id=chat_flow.pk, inputs={"question": str(i)})

@@ -139,3 +139,59 @@ def test_values_the_database_cannot_store_are_kept_as_replacement_characters_not
         response = client.get(reverse(f"runs:{tab}", args=[run.id]))
         assert response.status_code == 200, tab
     assert "plain" in client.get(reverse("runs:outputs", args=[run.id])).content.decode()
+
+
+TALLY_DAG = (
+    ECHO_DAG
+    + """\
+- name: tally
+  type: python
+  source: {type: code, path: tally.py}
+  inputs: {texts: "${echo.output}"}
+  aggregation: true
+"""
+)
+
+TALLY_PY = """\
+from promptflow.core import log_metric, tool
+
+
+@tool
+def tally(texts: list) -> None:
+    # Text the database may not store, made here rather than read from the lines (those were stored already).
+    odd = chr(0) + chr(0xDC80)
+    print("tallied", len(texts), odd)
+    log_metric("seen" + odd, len(texts))
+    raise ValueError("cannot tally" + odd)
+"""
+
+
+def test_an_aggregation_that_fails_with_text_the_database_cannot_store_still_completes_the_run(
+    owner, run_workers
+):
+    """The aggregation node's metric, printed line and error hold NUL and a lone surrogate: the run completes,
+    its error the node's, those characters kept as U+FFFD where the database cannot store them, rather than
+    failing to store its end and staying Running."""
+    from django.db import connection
+
+    from flows_app.services import flow_create
+    from runs_app.models import RunLog
+
+    files = {"flow.dag.yaml": TALLY_DAG.encode(), "echo.py": ECHO_PY.encode(), "tally.py": TALLY_PY.encode()}
+    flow = flow_create(owner=owner, name="tally", files=files)
+    data = "".join(json.dumps({"text": t}) + "\n" for t in ["one", "two"]).encode()
+    dataset = services.dataset_create(owner=owner, name="two", filename="two.jsonl", data=data)
+    run_workers.start(concurrency=1)
+
+    run = services.run_create(user=owner, flow_version=flow.head, dataset=dataset, column_mapping={})
+
+    wait_for(lambda: _finished(run), timeout=90, what="the run to finish", logs=run_workers.logs)
+    assert run.status == RunStatus.COMPLETED, (run.error, run_workers.logs())
+    kept = ("\ufffd" if connection.vendor == "postgresql" else "\u0000") + "\ufffd"
+    assert run.metrics == {"seen" + kept: 2}
+    assert run.error is not None and run.error["message"].endswith("cannot tally" + kept), run.error
+    assert run.error["node"] == "tally"
+    texts = list(RunLog.objects.filter(run=run).values_list("text", flat=True))
+    assert "tallied 2 " + kept in texts, texts
+    assert "aggregation failed: " + run.error["message"] in texts, texts
+    assert run.done_lines == 2 and run.failed_lines == 0
