@@ -223,13 +223,12 @@ def run_and_wait(
 
 def _spread(values: list[float]) -> dict[str, float]:
     """Median, 90th percentile and largest of `values` (a run's line durations, in ms)."""
-    if not values:
+    if len(values) < 2:
         return {}
-    ordered = sorted(values)
     return {
-        "median": round(ordered[len(ordered) // 2], 1),
-        "p90": round(ordered[len(ordered) * 9 // 10], 1),
-        "max": round(ordered[-1], 1),
+        "median": round(statistics.median(values), 1),
+        "p90": round(statistics.quantiles(values, n=10)[-1], 1),
+        "max": round(max(values), 1),
     }
 
 
